@@ -1,0 +1,232 @@
+"""SegLinear: a linear layer whose weight is cut into segments, each with its own quantizers.
+
+*Out-segmentation* (``axis="out"``) cuts the output features: every segment sees the whole input and the
+segment outputs are concatenated. It is used where the layer's output is later ``chunk``ed or ``split``
+(AdaLN modulation, GEGLU projections), so each chunk gets a scale sized to its own range.
+
+*In-segmentation* (``axis="in"``) cuts the input features: segment ``k`` sees input columns
+``[a_k, b_k)`` and the partial outputs are summed. It is used where the input is a concatenation or a
+per-head reshape, so each part/head gets its own activation (and weight) scale.
+
+Per segment there is a weight block (codes + scales), an optional SmoothQuant vector ``s`` (the segment's
+input is divided by ``s`` and the weight was multiplied by it), a static activation scale (one, or two
+for DualScale) and an optional low-rank pair ``(down, up)`` that runs in floating point on the *unquantized*
+smoothed input: ``y_k = Q(x_k / s) · Q(W_k s)ᵀ + (x_k / s) · down · up``. Ragged segment sizes are fine.
+
+The arithmetic lives in a backend (:mod:`segquant_core.backends`); this module only holds the data and
+never writes into its caller's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segquant_core.detect.plan import Segments
+from segquant_core.formats import QuantFormat
+from segquant_core.quantizers import ActivationSpec, QuantizedWeight, WeightSpec
+
+if TYPE_CHECKING:
+    from segquant_core.backends.base import Backend
+
+
+@dataclass(frozen=True)
+class SegLinearConfig:
+    """Everything needed to rebuild an empty :class:`SegLinear` (the artifact stores it as JSON)."""
+
+    in_features: int
+    out_features: int
+    segments: Segments
+    weight: WeightSpec | None
+    activation: ActivationSpec | None
+    bias: bool
+    smooth: bool = False
+    lowrank_rank: int = 0
+
+    def segment_shapes(self) -> list[tuple[int, int]]:
+        """``[(n_k, k_k)]``: the weight block shape of every segment."""
+        if self.segments.axis == "out":
+            return [(n, self.in_features) for n in self.segments.sizes]
+        return [(self.out_features, k) for k in self.segments.sizes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "segments": self.segments.to_dict(),
+            "weight": self.weight.to_dict() if self.weight else None,
+            "activation": self.activation.to_dict() if self.activation else None,
+            "bias": self.bias,
+            "smooth": self.smooth,
+            "lowrank_rank": self.lowrank_rank,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegLinearConfig:
+        return cls(
+            in_features=int(d["in_features"]),
+            out_features=int(d["out_features"]),
+            segments=Segments.from_dict(d["segments"]),
+            weight=WeightSpec(**d["weight"]) if d.get("weight") else None,
+            activation=ActivationSpec(**d["activation"]) if d.get("activation") else None,
+            bias=bool(d["bias"]),
+            smooth=bool(d.get("smooth", False)),
+            lowrank_rank=int(d.get("lowrank_rank", 0)),
+        )
+
+
+class QuantSegment(nn.Module):
+    """Buffers of one segment. Absent pieces are ``None`` buffers (skipped by ``state_dict``)."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None
+    smooth: torch.Tensor | None
+    act_scale: torch.Tensor | None
+    lowrank_down: torch.Tensor | None
+    lowrank_up: torch.Tensor | None
+
+    def __init__(self, n: int, k: int, cfg: SegLinearConfig) -> None:
+        super().__init__()
+        ws = cfg.weight
+        if ws is None:
+            weight = torch.zeros(n, k)
+        elif ws.fmt is QuantFormat.INT4:
+            if k % 2:
+                raise ValueError(f"int4 weights need an even input size per segment, got {k}")
+            weight = torch.zeros(n, k // 2, dtype=torch.uint8)
+        else:
+            weight = torch.zeros(n, k, dtype=ws.fmt.code_dtype)
+        self.register_buffer("weight", weight)
+        n_scales = (n if ws.granularity.value == "channel" else 1) if ws else 0
+        self.register_buffer("weight_scale", torch.ones(n_scales) if ws else None)
+        self.register_buffer("smooth", torch.ones(k) if cfg.smooth else None)
+        act = cfg.activation
+        static = act is not None and not act.dynamic
+        self.register_buffer("act_scale", torch.ones(act.parts) if static else None)
+        r = cfg.lowrank_rank
+        self.register_buffer("lowrank_down", torch.zeros(k, r) if r else None)
+        self.register_buffer("lowrank_up", torch.zeros(r, n) if r else None)
+        self.fmt = ws.fmt if ws else None
+
+    def quantized_weight(self) -> QuantizedWeight:
+        if self.fmt is None or self.weight_scale is None:
+            raise ValueError("this segment's weight is not quantized")
+        return QuantizedWeight(data=self.weight, scale=self.weight_scale, fmt=self.fmt)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight block as the arithmetic sees it (fp32)."""
+        if self.fmt is None:
+            return self.weight.float()
+        return self.quantized_weight().dequantize()
+
+    def weight_nbytes(self) -> int:
+        total = 0
+        for t in (self.weight, self.weight_scale, self.smooth, self.act_scale, self.lowrank_down, self.lowrank_up):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+
+class SegLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` holding per-segment quantized weights."""
+
+    def __init__(self, cfg: SegLinearConfig) -> None:
+        super().__init__()
+        if cfg.segments.total != (cfg.out_features if cfg.segments.axis == "out" else cfg.in_features):
+            raise ValueError(
+                f"segment sizes {list(cfg.segments.sizes)} sum to {cfg.segments.total}, but the layer has "
+                f"{cfg.out_features if cfg.segments.axis == 'out' else cfg.in_features} "
+                f"{'output' if cfg.segments.axis == 'out' else 'input'} features"
+            )
+        self.cfg = cfg
+        self.in_features = cfg.in_features
+        self.out_features = cfg.out_features
+        self.segs = nn.ModuleList(QuantSegment(n, k, cfg) for n, k in cfg.segment_shapes())
+        self.register_buffer("bias", torch.zeros(cfg.out_features) if cfg.bias else None)
+        self._backend: Backend | None = None
+        self._prepared: Any = None
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def unquantized(cls, linear: nn.Linear, segments: Segments | None = None) -> SegLinear:
+        """A float SegLinear with ``linear``'s weights, cut into ``segments`` (no quantization)."""
+        segments = segments or Segments("out", (linear.out_features,))
+        cfg = SegLinearConfig(linear.in_features, linear.out_features, segments, None, None,
+                              linear.bias is not None)
+        layer = cls(cfg)
+        w = linear.weight.detach()
+        for seg, (a, b) in zip(layer.segs, segments.bounds()):
+            block = w[a:b] if segments.axis == "out" else w[:, a:b]
+            seg.weight = block.clone()
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer.to(w.device)
+
+    def segment_inputs(self, x2d: torch.Tensor) -> list[torch.Tensor]:
+        """The input each segment sees (views; never modified)."""
+        if self.cfg.segments.axis == "out":
+            return [x2d] * len(self.segs)
+        return [x2d[:, a:b] for a, b in self.cfg.segments.bounds()]
+
+    # ------------------------------------------------------------------ backend
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            from segquant_core.backends.reference import ReferenceBackend
+
+            self.set_backend(ReferenceBackend())
+        assert self._backend is not None
+        return self._backend
+
+    def set_backend(self, backend: Backend) -> None:
+        reason = backend.unsupported_reason(self)
+        if reason:
+            raise ValueError(f"backend {backend.name!r} cannot run this layer: {reason}")
+        self._backend = backend
+        self._prepared = backend.prepare(self)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Moving the layer (``.to``, ``.cuda``) invalidates prepacked kernel state.
+        out = super()._apply(fn, recurse)
+        if self._backend is not None:
+            self._prepared = self._backend.prepare(self)
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SegLinear expects {self.in_features} input features, got {x.shape[-1]}")
+        if self.cfg.weight is None and self.cfg.activation is None and len(self.segs) == 1 \
+                and not self.cfg.smooth and not self.cfg.lowrank_rank:
+            return F.linear(x, self.segs[0].weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        backend = self.backend
+        x2d = x.reshape(-1, self.in_features)
+        y = backend.run(self, self._prepared, x2d)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    # ------------------------------------------------------------------ introspection
+    def weight_nbytes(self) -> int:
+        """Bytes of everything the layer stores (codes, scales, smoothing, low-rank, bias)."""
+        total = sum(s.weight_nbytes() for s in self.segs)
+        if self.bias is not None:
+            total += self.bias.numel() * self.bias.element_size()
+        return total
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``[N, K]`` effective weight in the *smoothed* domain of each segment (for inspection)."""
+        blocks = [s.dequantized_weight() for s in self.segs]
+        return torch.cat(blocks, dim=0 if self.cfg.segments.axis == "out" else 1)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        w = c.weight.fmt.value if c.weight else "float"
+        a = (c.activation.fmt.value + ("-dual" if c.activation.dual else "")
+             + ("-dyn" if c.activation.dynamic else "")) if c.activation else "float"
+        segs = f"{c.segments.axis}{list(c.segments.sizes)}" if len(c.segments.sizes) > 1 else "1"
+        backend = self._backend.name if self._backend else "unset"
+        return (f"in={c.in_features}, out={c.out_features}, w={w}, a={a}, segments={segs}, "
+                f"smooth={c.smooth}, rank={c.lowrank_rank}, backend={backend}")
