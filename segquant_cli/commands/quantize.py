@@ -1,0 +1,116 @@
+"""``segquant quantize MODEL_DIR --recipe NAME --out DIR``: calibrate, quantize, write an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from segquant_cli.errors import CLIError
+from segquant_cli.models import load_denoiser
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a denoiser with a recipe and write an artifact",
+                       description="Calibrate on the pipeline's own denoising loop, quantize, save.")
+    p.add_argument("model_dir", help="diffusers pipeline directory (or model directory / hub id)")
+    p.add_argument("--recipe", required=True, help="recipe name with optional switches, e.g. w8a8-segquant:dual=off")
+    p.add_argument("--out", required=True, help="artifact directory to write")
+    p.add_argument("--component", choices=["transformer", "unet"])
+    p.add_argument("--prompts", help="text file with one calibration prompt per line")
+    p.add_argument("--calib-samples", type=int, default=64, help="denoiser calls to calibrate on (default 64)")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps per calibration prompt (default 20)")
+    p.add_argument("--steps-per-prompt", type=int, default=4, help="recorded steps per prompt (default 4)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--overrides", help="JSON file: {\"excludes\": [globs], \"overrides\": [{\"pattern\": …}]}")
+    p.add_argument("--plan", help="JSON plan file (as printed by `segquant plan --json`), possibly edited")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(run=run)
+
+
+def _read_prompts(path: str | None, pipe: Any) -> list[str]:
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise CLIError(f"--prompts: {path}: no such file")
+        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise CLIError(f"--prompts: {path} has no prompts")
+        return prompts
+    provider = getattr(pipe, "default_calibration_prompts", None)
+    if callable(provider):
+        return list(provider())
+    text = resources.files("segquant_cli").joinpath("data/calibration_prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _apply_overrides(recipe: Any, path: str | None) -> Any:
+    if not path:
+        return recipe
+    from segquant_core.recipes import LayerOverride
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CLIError(f"--overrides: {path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--overrides: {path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict) or set(data) - {"excludes", "overrides"}:
+        raise CLIError("--overrides: expected a JSON object with 'excludes' and/or 'overrides'")
+    return recipe.with_switches(
+        excludes=tuple(recipe.excludes) + tuple(data.get("excludes", [])),
+        overrides=tuple(recipe.overrides) + tuple(LayerOverride.from_dict(o) for o in data.get("overrides", [])))
+
+
+def run(args: argparse.Namespace) -> int:
+    import segquant_core as sq
+    from segquant_core.detect import example_inputs_for
+
+    if args.calib_samples < 1:
+        raise CLIError("--calib-samples must be ≥ 1")
+    if not 1 <= args.steps_per_prompt <= args.steps:
+        raise CLIError(f"--steps-per-prompt must be between 1 and --steps ({args.steps})")
+    recipe = _apply_overrides(sq.recipe(args.recipe), args.overrides)
+    plan = sq.Plan.load(args.plan) if args.plan else None
+    model, pipe = load_denoiser(args.model_dir, args.component)
+    if pipe is not None:
+        prompts = _read_prompts(args.prompts, pipe)
+        n_prompts = math.ceil(args.calib_samples / args.steps_per_prompt)
+        prompts = (prompts * math.ceil(n_prompts / len(prompts)))[:n_prompts]
+        calib = sq.capture_calibration(pipe, prompts, num_inference_steps=args.steps,
+                                       steps_per_prompt=args.steps_per_prompt,
+                                       guidance_scale=args.guidance_scale, seed=args.seed)
+    else:
+        print("segquant: warning: no pipeline around this model; calibrating on random example inputs")
+        calib = sq.CalibrationSet(calls=[example_inputs_for(model) for _ in range(args.calib_samples)])
+    result = sq.quantize(model, recipe, calib, plan, backend=args.backend, seed=args.seed)
+    source = {"path": str(Path(args.model_dir).resolve()) if Path(args.model_dir).exists() else args.model_dir,
+              "component": args.component or ("transformer" if hasattr(pipe, "transformer") else "unet")}
+    sq.save(model, args.out, source=source)
+    _print_summary(result.summary(), args.out)
+    return 0
+
+
+def _print_summary(s: dict[str, Any], out: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"segquant quantize — {s['recipe']}", show_header=False)
+    table.add_row("quantized linears", str(s["quantized_layers"]))
+    table.add_row("kept in float", str(s["excluded_layers"]))
+    for fmt, n in sorted(s["formats"].items()):
+        table.add_row(f"  {fmt}", str(n))
+    table.add_row("segmented layers", str(s["segmented_layers"]))
+    table.add_row("dual-scale layers", str(s["dual_scale_layers"]))
+    fb, qb = s["float_bytes"], s["quantized_bytes"]
+    ratio = f" ({qb / fb:.3f}×)" if fb else ""
+    table.add_row("weight bytes", f"{fb:,} → {qb:,}{ratio}")
+    table.add_row("backends", ", ".join(f"{k}: {v}" for k, v in s["backends"].items()) or "—")
+    table.add_row("time", f"{s['seconds']} s")
+    table.add_row("artifact", out)
+    console.print(table)

@@ -1,0 +1,80 @@
+"""Load a diffusers pipeline or a bare denoiser from a directory (or a hub id, when online).
+
+A *pipeline* directory has ``model_index.json``; a *model* directory has ``config.json`` with a diffusers
+``_class_name``. Pipeline classes are looked up in diffusers first, then among this project's own
+pipelines (``segquant_shapes``), so the shipped models load like any other.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from segquant_cli.errors import CLIError
+
+DENOISER_COMPONENTS = ("transformer", "unet")
+
+
+def _diffusers_class(name: str) -> Any | None:
+    import diffusers
+
+    return getattr(diffusers, name, None)
+
+
+def pipeline_class(name: str) -> Any:
+    cls = _diffusers_class(name)
+    if cls is not None:
+        return cls
+    try:
+        module = importlib.import_module("segquant_shapes.pipelines")
+    except ImportError:
+        module = None
+    if module is not None and hasattr(module, name):
+        return getattr(module, name)
+    raise CLIError(f"unknown pipeline class {name!r} (not in diffusers or segquant_shapes)")
+
+
+def is_pipeline_dir(path: Path) -> bool:
+    return (path / "model_index.json").is_file()
+
+
+def load_pipeline(path: str | Path, **kwargs: Any) -> Any:
+    p = Path(path)
+    if not p.exists():
+        if "/" in str(path) and not str(path).startswith((".", "/")):
+            from diffusers import DiffusionPipeline
+
+            try:
+                return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+            except Exception as e:  # network / hub errors come in many types
+                raise CLIError(f"could not load {path!r} from the hub: {e}") from None
+        raise CLIError(f"{path}: no such directory")
+    if not is_pipeline_dir(p):
+        raise CLIError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
+    name = json.loads((p / "model_index.json").read_text()).get("_class_name", "")
+    return pipeline_class(name).from_pretrained(str(p), **kwargs)
+
+
+def load_denoiser(path: str | Path, component: str | None = None) -> tuple[nn.Module, Any | None]:
+    """``(denoiser, pipeline or None)`` from a pipeline dir, a model dir or a hub id."""
+    p = Path(path)
+    if p.is_dir() and not is_pipeline_dir(p):
+        cfg_file = p / "config.json"
+        if not cfg_file.is_file():
+            raise CLIError(f"{path}: neither a pipeline (model_index.json) nor a model directory (config.json)")
+        name = json.loads(cfg_file.read_text()).get("_class_name")
+        cls = _diffusers_class(name or "")
+        if cls is None:
+            raise CLIError(f"{path}: config.json names {name!r}, which is not a diffusers model class")
+        return cls.from_pretrained(str(p)), None
+    pipe = load_pipeline(path)
+    names = [component] if component else list(DENOISER_COMPONENTS)
+    for name in names:
+        module = getattr(pipe, name, None)
+        if isinstance(module, nn.Module):
+            return module, pipe
+    raise CLIError(f"{path}: the pipeline has no {' or '.join(names)} component")

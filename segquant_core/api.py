@@ -1,0 +1,69 @@
+"""The public surface of the engine: detect, quantize, save, load, recipes — and pipeline helpers.
+
+Everything a caller (the CLI, the service worker, a notebook) needs is importable from
+``segquant_core`` directly; the submodules are implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from segquant_core.artifacts import ArtifactError, load, read_manifest, save
+from segquant_core.calibrate.capture import CalibrationSet, capture_calibration, denoiser_of
+from segquant_core.detect.plan import LayerPlan, Plan, Segments
+from segquant_core.quantize import QuantizationResult, quantize
+from segquant_core.recipes import Recipe, recipe, recipe_names
+
+
+def detect(model: nn.Module, example_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> Plan:
+    """Find SegLinear / DualScale candidates in ``model`` from one real forward pass (see :mod:`.detect`)."""
+    from segquant_core.detect import detect as _detect
+
+    return _detect(model, example_kwargs, **kwargs)
+
+
+def quantize_pipeline(pipe: Any, recipe_spec: str | Recipe, prompts: Sequence[str], *,
+                      num_inference_steps: int = 20, steps_per_prompt: int = 4,
+                      guidance_scale: float | None = None, seed: int = 0, plan: Plan | None = None,
+                      backend: str = "auto", progress: bool = True,
+                      call_kwargs: dict[str, Any] | None = None) -> QuantizationResult:
+    """Calibrate on ``pipe``'s own denoising loop over ``prompts`` and quantize its denoiser in place."""
+    r = recipe(recipe_spec) if isinstance(recipe_spec, str) else recipe_spec
+    model = denoiser_of(pipe)
+    calib = CalibrationSet()
+    if r.quantizes:
+        calib = capture_calibration(pipe, prompts, num_inference_steps=num_inference_steps,
+                                    steps_per_prompt=steps_per_prompt, guidance_scale=guidance_scale,
+                                    seed=seed, call_kwargs=call_kwargs, progress=progress)
+    return quantize(model, r, calib, plan, backend=backend, seed=seed, progress=progress)
+
+
+def load_into_pipeline(directory: str | Path, pipe: Any, *, backend: str = "auto") -> QuantizationResult:
+    """Load an artifact into ``pipe``'s denoiser."""
+    return load(directory, denoiser_of(pipe), backend=backend)
+
+
+__all__ = [
+    "ArtifactError",
+    "CalibrationSet",
+    "LayerPlan",
+    "Plan",
+    "QuantizationResult",
+    "Recipe",
+    "Segments",
+    "capture_calibration",
+    "denoiser_of",
+    "detect",
+    "load",
+    "load_into_pipeline",
+    "quantize",
+    "quantize_pipeline",
+    "read_manifest",
+    "recipe",
+    "recipe_names",
+    "save",
+]

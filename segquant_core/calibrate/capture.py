@@ -1,0 +1,130 @@
+"""Collect denoiser calls from a pipeline's own denoising loop, to calibrate on real inputs.
+
+A forward pre-hook on the pipeline's denoiser (``transformer`` or ``unet``) records the keyword inputs of
+a seeded random subset of the denoising steps of every prompt. The pipeline itself is untouched: no
+vendored loop, so any diffusers pipeline whose denoiser is called with keyword arguments works.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class CalibrationSet:
+    """Recorded denoiser calls (CPU tensors) plus how they were obtained (for the artifact manifest)."""
+
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    steps: list[list[int]] = field(default_factory=list)  # recorded step indices per prompt
+    num_inference_steps: int = 0
+    guidance_scale: float | None = None
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def describe(self) -> dict[str, Any]:
+        import hashlib
+
+        digest = hashlib.sha256("\n".join(self.prompts).encode()).hexdigest()
+        return {
+            "samples": len(self.calls),
+            "prompts": len(self.prompts),
+            "prompts_sha256": digest,
+            "num_inference_steps": self.num_inference_steps,
+            "steps_per_prompt": [len(s) for s in self.steps][:1] or [0],
+            "recorded_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+        }
+
+
+def denoiser_of(pipe: Any) -> nn.Module:
+    for attr in ("transformer", "unet"):
+        module = getattr(pipe, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(pipe).__name__} has no 'transformer' or 'unet' component to quantize")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_steps: int = 20,
+                        steps_per_prompt: int = 4, guidance_scale: float | None = None, seed: int = 0,
+                        call_kwargs: dict[str, Any] | None = None,
+                        progress: bool = True) -> CalibrationSet:
+    """Run ``pipe`` on each prompt and keep the denoiser inputs of ``steps_per_prompt`` random steps.
+
+    The step subset is drawn from ``random.Random(seed)`` per prompt, so the same arguments always
+    record the same calls. ``call_kwargs`` go to the pipeline (e.g. height/width).
+    """
+    if not prompts:
+        raise ValueError("calibration needs at least one prompt")
+    if not 1 <= steps_per_prompt <= num_inference_steps:
+        raise ValueError(f"steps_per_prompt must be in [1, {num_inference_steps}], got {steps_per_prompt}")
+    model = denoiser_of(pipe)
+    rng = random.Random(seed)
+    result = CalibrationSet(prompts=list(prompts), num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, seed=seed)
+    state = {"step": 0, "keep": set()}
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if state["step"] in state["keep"]:
+            if args:
+                raise ValueError("calibration capture expects the denoiser to be called with keyword arguments")
+            result.calls.append(_to_cpu(kwargs))
+        state["step"] += 1
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    extra = dict(call_kwargs or {})
+    if guidance_scale is not None:
+        extra["guidance_scale"] = guidance_scale
+    try:
+        for i, prompt in enumerate(tqdm(prompts, desc="calibration prompts", disable=not progress)):
+            keep = sorted(rng.sample(range(num_inference_steps), steps_per_prompt))
+            state["step"], state["keep"] = 0, set(keep)
+            result.steps.append(keep)
+            gen = torch.Generator("cpu").manual_seed(seed + i)
+            with torch.no_grad():
+                pipe(prompt, num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **extra)
+    finally:
+        handle.remove()
+    return result
+
+
+def run_calls(model: nn.Module, calls: Sequence[dict[str, Any]], progress: bool = True,
+              desc: str = "calibration pass", on_call: Callable[[int], None] | None = None) -> None:
+    """Feed recorded calls through ``model`` (on the model's device), discarding outputs."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(move(x) for x in v)
+        return v
+
+    with torch.no_grad():
+        for i, call in enumerate(tqdm(calls, desc=desc, disable=not progress)):
+            if on_call:
+                on_call(i)
+            model(**move(call))
