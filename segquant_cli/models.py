@@ -43,6 +43,16 @@ def is_pipeline_dir(path: Path) -> bool:
 
 
 def load_pipeline(path: str | Path, **kwargs: Any) -> Any:
+    """A pipeline from a directory, ``shipped:<name>`` (the project's own models) or a hub id."""
+    if str(path).startswith("shipped:"):
+        try:
+            from segquant_shapes import load_shipped
+        except ImportError:
+            raise CLIError("shipped models need the segquant_shapes package") from None
+        try:
+            return load_shipped(str(path).split(":", 1)[1])
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise CLIError(f"{path}: {e}") from None
     p = Path(path)
     if not p.exists():
         if "/" in str(path) and not str(path).startswith((".", "/")):
