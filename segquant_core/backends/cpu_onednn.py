@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from segquant_core.backends.fused_quant import encode_rows
 from segquant_core.backends.grouped import GroupedGemmBackend
 from segquant_core.backends.grouping import GemmGroup
+from segquant_core.quantizers import ActivationSpec
 
 if TYPE_CHECKING:
     from segquant_core.seglinear import SegLinear
@@ -44,9 +46,13 @@ class OneDNNInt8Backend(GroupedGemmBackend):
     def pack(self, group: GemmGroup) -> Any:
         return torch.ops.onednn.qlinear_prepack(group.codes.contiguous(), None)
 
+    def encode(self, x: torch.Tensor, act: ActivationSpec,
+               group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=True)
+
     def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
              bias: torch.Tensor | None) -> torch.Tensor:
-        x_u8 = (codes.to(torch.int16) + 128).to(torch.uint8)
+        x_u8 = codes  # already shifted into uint8 by encode()
         n = group.w_scale.numel()
         zps = torch.zeros(n, dtype=torch.int64)
         scalar = isinstance(row_scale, float)

@@ -17,7 +17,7 @@ import torch
 
 from segquant_core.backends.base import Backend
 from segquant_core.backends.grouping import GemmGroup, plan_gemms
-from segquant_core.quantizers import encode_activation
+from segquant_core.quantizers import ActivationSpec, encode_activation
 
 if TYPE_CHECKING:
     from segquant_core.seglinear import SegLinear
@@ -49,7 +49,8 @@ class GroupedGemmBackend(Backend):
              bias: torch.Tensor | None) -> torch.Tensor:
         """``(codes · W_codesᵀ) ⊙ w_scale ⊙ row_scale (+ bias)`` → fp32 ``[R, N_g]``.
 
-        ``codes`` are ``[R, K_g]`` activation codes; ``row_scale`` is a float or an fp32 ``[R, 1]`` tensor.
+        ``codes`` are ``[R, K_g]`` activation codes as produced by :meth:`encode`; ``row_scale`` is a float
+        or an fp32 ``[R, 1]`` tensor.
         """
 
     def prepare(self, layer: SegLinear) -> PreparedLayer:
@@ -61,6 +62,22 @@ class GroupedGemmBackend(Backend):
         bias = layer.bias.float() if layer.bias is not None else None
         return PreparedLayer(prepared, bias, fuse and bias is not None)
 
+    def encode(self, x: torch.Tensor, act: ActivationSpec,
+               group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Activation codes for :meth:`gemm` as ``[P·M, K]`` rows, and the row scale (float or ``[P·M, 1]``).
+
+        This generic version works for every format; int8 backends override it with a fused one-pass encoder.
+        """
+        xs = x.float()
+        if group.smooth is not None:
+            xs = xs / group.smooth
+        codes, scales = encode_activation(xs, act, group.act_scale)
+        parts, m = codes.shape[0], x.shape[0]
+        rows = codes.reshape(parts * m, -1)
+        if parts == 1 and scales.shape[1] == 1:
+            return rows, float(scales.reshape(-1)[0])
+        return rows, scales.expand(parts, m, 1).reshape(parts * m, 1)
+
     def run(self, layer: SegLinear, state: PreparedLayer, x: torch.Tensor) -> torch.Tensor:
         act = layer.cfg.activation
         assert act is not None
@@ -71,20 +88,14 @@ class GroupedGemmBackend(Backend):
         for pg in state.groups:
             g = pg.group
             xk = x if g.in_slice is None else x[:, g.in_slice[0]:g.in_slice[1]]
-            xs = xk.float()
-            if g.smooth is not None:
-                xs = xs / g.smooth
-            codes, scales = encode_activation(xs, act, g.act_scale)
-            parts = codes.shape[0]
-            if parts == 1 and scales.shape[1] == 1:
-                bias = state.bias if state.fuse_bias else None
-                y = self.gemm(pg.packed, g, codes[0], float(scales.reshape(-1)[0]), bias)
+            rows, row_scale = self.encode(xk, act, g)
+            if isinstance(row_scale, float):
+                y = self.gemm(pg.packed, g, rows, row_scale, state.bias if state.fuse_bias else None)
             else:
-                rows = codes.reshape(parts * m, -1)
-                row_scale = scales.expand(parts, m, 1).reshape(parts * m, 1)
                 y2 = self.gemm(pg.packed, g, rows, row_scale, None)
-                y = y2[:m] if parts == 1 else y2[:m].add_(y2[m:])
+                y = y2 if y2.shape[0] == m else y2[:m].add_(y2[m:])
             if g.lowrank is not None:
+                xs = xk.float() if g.smooth is None else xk.float() / g.smooth
                 y = y + (xs @ g.lowrank[0].float()) @ g.lowrank[1].float()
             if g.out_slice is not None and out is not None:
                 out[:, g.out_slice[0]:g.out_slice[1]] = y

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from segquant_core.backends.fused_quant import encode_rows
 from segquant_core.backends.grouped import GroupedGemmBackend
 from segquant_core.backends.grouping import GemmGroup
+from segquant_core.quantizers import ActivationSpec
 
 if TYPE_CHECKING:
     from segquant_core.seglinear import SegLinear
@@ -36,6 +38,10 @@ class IntMMBackend(GroupedGemmBackend):
             if any(k % 8 or n % 8 for n, k in shapes):
                 return "cuBLAS int8 GEMM needs every segment's K and N to be multiples of 8"
         return None
+
+    def encode(self, x: torch.Tensor, act: ActivationSpec,
+               group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=False)
 
     def pack(self, group: GemmGroup) -> Any:
         # [N, K] row-major viewed as a column-major [K, N] operand.

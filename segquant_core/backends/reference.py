@@ -26,17 +26,20 @@ class ReferenceBackend(Backend):
 
     def run(self, layer: SegLinear, state: Any, x: torch.Tensor) -> torch.Tensor:
         act = layer.cfg.activation
+        # fp32 for fp32/bf16/fp16 inputs; float64 inputs stay float64 (so the float path is exact there).
+        dt = torch.promote_types(x.dtype, torch.float32)
         outs = []
         for seg, xk in zip(layer.segs, layer.segment_inputs(x)):
-            xs = xk.float()
+            xs = xk.to(dt)
             if seg.smooth is not None:
-                xs = xs / seg.smooth
-            xq = fake_quantize_activation(xs, act, seg.act_scale) if act is not None else xs
-            y = xq @ seg.dequantized_weight().t()
+                xs = xs / seg.smooth.to(dt)
+            xq = fake_quantize_activation(xs, act, seg.act_scale).to(dt) if act is not None else xs
+            w = seg.weight.to(dt) if seg.fmt is None else seg.dequantized_weight().to(dt)
+            y = xq @ w.t()
             if seg.lowrank_down is not None:
-                y = y + (xs @ seg.lowrank_down.float()) @ seg.lowrank_up.float()
+                y = y + (xs @ seg.lowrank_down.to(dt)) @ seg.lowrank_up.to(dt)
             outs.append(y)
         y = torch.cat(outs, dim=1) if layer.cfg.segments.axis == "out" else torch.stack(outs).sum(dim=0)
         if layer.bias is not None:
-            y = y + layer.bias.float()
+            y = y + layer.bias.to(dt)
         return y
