@@ -190,8 +190,14 @@ class SegLinear(nn.Module):
         self._prepared = backend.prepare(self)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # Moving the layer (``.to``, ``.cuda``) invalidates prepacked kernel state.
-        out = super()._apply(fn, recurse)
+        """Device moves apply; dtype casts do not (``model.to(torch.bfloat16)`` must not turn int8 codes,
+        fp8 codes or fp32 scales into bf16). Prepacked kernel state is rebuilt for the new device."""
+
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return t if target.device == t.device else t.to(target.device)
+
+        out = super()._apply(move_only, recurse)
         if self._backend is not None:
             self._prepared = self._backend.prepare(self)
         return out

@@ -1,0 +1,111 @@
+"""``segquant bench layer|block|pipeline``: float vs quantized, measured side by side, ratios printed."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from segquant_cli.errors import CLIError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark float vs quantized (layer, block, pipeline)",
+                       description="Alternating side-by-side timing with medians and ratios; tables + JSON.")
+    levels = p.add_subparsers(dest="level", metavar="LEVEL", required=True)
+
+    lp = levels.add_parser("layer", help="one linear layer at DiT shapes")
+    lp.add_argument("--model", choices=["sd35", "flux", "targets"], default="targets",
+                    help="shape set: the CPU target shapes (default), SD3.5-medium or Flux")
+    lp.add_argument("--tokens", default="1024", help="comma-separated token counts for sd35/flux (default 1024)")
+    lp.add_argument("--rounds", type=int, default=10)
+    lp.add_argument("--no-compile", action="store_true", help="skip the torch.compile bf16 baseline")
+    lp.add_argument("--fp8", action="store_true", help="include fp8 (slow on CPU)")
+    lp.add_argument("--reference", action="store_true", help="include the fake-quant reference backend")
+    lp.add_argument("--json", default="bench-layer.json", help="where to write the JSON (default bench-layer.json)")
+
+    bp = levels.add_parser("block", help="one SD3.5-medium-shaped transformer block")
+    bp.add_argument("--recipes", default="w8a8,w8a8-segquant,w4a8-segquant")
+    bp.add_argument("--tokens", type=int, default=1024)
+    bp.add_argument("--context-tokens", type=int, default=333)
+    bp.add_argument("--rounds", type=int, default=6)
+    bp.add_argument("--json", default="bench-block.json")
+
+    pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
+    pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:mmdit / shipped:unet")
+    pp.add_argument("--variants", default="w8a8-segquant,w4a8-segquant")
+    pp.add_argument("--batch", type=int, default=4)
+    pp.add_argument("--steps", type=int, default=20)
+    pp.add_argument("--rounds", type=int, default=5)
+    pp.add_argument("--memory", action="store_true", help="also measure peak memory per variant (subprocesses)")
+    pp.add_argument("--json", default="bench-pipeline.json")
+
+    mp = levels.add_parser("memory-probe", help=argparse.SUPPRESS)
+    mp.add_argument("model")
+    mp.add_argument("spec")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segquant_core.bench.report import print_table, write_json
+    from segquant_core.bench.timing import environment
+
+    command = "segquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    def say(msg: str) -> None:
+        print(f"… {msg}", file=sys.stderr, flush=True)
+
+    env = environment("cpu")
+    if args.level == "layer":
+        from segquant_core.bench.layer import cpu_target_shapes, default_shapes, run_layer_bench
+
+        if args.model == "targets":
+            shapes = cpu_target_shapes()
+        else:
+            try:
+                tokens = tuple(int(t) for t in args.tokens.split(","))
+            except ValueError:
+                raise CLIError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
+            shapes = default_shapes(args.model, tokens)
+        rows = run_layer_bench(shapes, rounds=args.rounds, include_compile=not args.no_compile,
+                               include_fp8=args.fp8, include_reference=args.reference, progress=say)
+        print_table(f"bench layer — {env['cpu']}, {env['threads']} threads, torch {env['torch']}", rows,
+                    ["shape", "candidate", "median_ms", "vs_bf16", "vs_fp32", "vs_torch_ao", "rel_err",
+                     "weight_bytes"])
+    elif args.level == "block":
+        from segquant_core.bench.block import run_block_bench
+
+        recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
+                               progress=say)
+        print_table(f"bench block — {env['cpu']}, {env['threads']} threads", rows,
+                    ["case", "candidate", "median_ms", "vs_bf16", "rel_err"])
+    elif args.level == "pipeline":
+        from segquant_cli.models import load_pipeline
+        from segquant_core.bench.pipeline import run_pipeline_bench
+
+        probe = load_pipeline(args.model)
+        calib = getattr(probe, "default_calibration_prompts", None)
+        prompts = list(calib()) if callable(calib) else None
+        if not prompts:
+            raise CLIError("this pipeline has no default calibration prompts")
+        evals = getattr(probe, "default_eval_prompts", None)
+        prompt = next(iter(evals(1))) if callable(evals) else prompts[0]
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        memory_cmd = ([sys.executable, "-m", "segquant_cli", "bench", "memory-probe", args.model]
+                      if args.memory else None)
+        rows = run_pipeline_bench(lambda: load_pipeline(args.model), variants, prompts[:16], prompt=prompt,
+                                  batch=args.batch, steps=args.steps, rounds=args.rounds, memory_cmd=memory_cmd,
+                                  progress=say)
+        print_table(f"bench pipeline — {args.model}, {env['cpu']}, {env['threads']} threads", rows,
+                    ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"])
+    else:  # memory-probe: the subprocess side of --memory
+        from segquant_cli.models import load_pipeline
+        from segquant_core.bench.pipeline import memory_probe
+
+        memory_probe(lambda: load_pipeline(args.model), args.spec)
+        return 0
+    path = write_json(Path(args.json), args.level, env, rows, command)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,69 @@
+"""``bench block``: one SD3.5-medium-shaped MMDiT block (real diffusers module, random weights).
+
+The block is quantized by the engine's own flow — plan detection, calibration on random inputs, SegLinear
+swap — and its float parts (norms, attention) run in bf16 like the bf16 baseline, so the ratio shows what
+the quantized linears buy inside a real block, attention included.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from diffusers.models.attention import JointTransformerBlock
+
+from segquant_core.bench.timing import alternate
+from segquant_core.quantize import quantize
+
+
+def sd35_block(dim: int = 1536, heads: int = 24, seed: int = 0) -> JointTransformerBlock:
+    torch.manual_seed(seed)
+    return JointTransformerBlock(dim=dim, num_attention_heads=heads, attention_head_dim=dim // heads,
+                                 context_pre_only=False, qk_norm="rms_norm").eval()
+
+
+def block_inputs(dim: int, tokens: int, context_tokens: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"hidden_states": torch.randn(batch, tokens, dim, generator=g),
+            "encoder_hidden_states": torch.randn(batch, context_tokens, dim, generator=g),
+            "temb": torch.randn(batch, dim, generator=g)}
+
+
+def _rel_err(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+    num = sum(float((x.float() - y.float()).norm() ** 2) for x, y in zip(a, b))
+    den = sum(float(y.float().norm() ** 2) for y in b)
+    return (num / den) ** 0.5
+
+
+def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: int = 333, batch: int = 1,
+                    dim: int = 1536, heads: int = 24, rounds: int = 6, calib_calls: int = 4,
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
+    block = sd35_block(dim, heads)
+    x32 = block_inputs(dim, tokens, context_tokens, batch, seed=1)
+    x16 = {k: v.to(torch.bfloat16) for k, v in x32.items()}
+    calib = [block_inputs(dim, tokens, context_tokens, batch, seed=10 + i) for i in range(calib_calls)]
+    with torch.no_grad():
+        ref = block(**x32)
+    b16 = copy.deepcopy(block).to(torch.bfloat16)
+    fns: dict[str, Callable[[], object]] = {"fp32": lambda: block(**x32), "bf16": lambda: b16(**x16)}
+    errors = {"fp32": 0.0}
+    with torch.no_grad():
+        errors["bf16"] = _rel_err(b16(**x16), ref)
+    for name in recipes:
+        if progress:
+            progress(f"quantizing block with {name}")
+        qb = copy.deepcopy(block)
+        quantize(qb, name, calib, progress=False)
+        qb = qb.to(torch.bfloat16)
+        with torch.no_grad():
+            errors[name] = _rel_err(qb(**x16), ref)
+        fns[name] = (lambda qb=qb: qb(**x16))
+    if progress:
+        progress("timing")
+    with torch.no_grad():
+        timings = alternate(fns, rounds=rounds, warmup=1, max_seconds=300)
+    bf16 = timings["bf16"].median_s
+    return [{"case": f"SD3.5-medium block, {tokens}+{context_tokens} tokens, batch {batch}", "candidate": n,
+             "median_ms": round(t.median_ms, 2), "vs_bf16": round(bf16 / t.median_s, 3),
+             "rel_err": errors[n], "rounds": len(t.samples)} for n, t in timings.items()]

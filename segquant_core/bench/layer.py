@@ -1,0 +1,170 @@
+"""``bench layer``: one linear layer at DiT shapes — float baselines vs SegQuant layers on real kernels.
+
+Per shape the candidates are ``nn.Linear`` in fp32 and bf16 (and bf16 under ``torch.compile`` when it
+works), ``torch.ao`` dynamic int8 (the CPU baseline a user would reach for), and SegLinear layers built by
+the engine itself (calibrated on the benchmark's own random inputs) for plain / dual-scale / segmented
+W8A8, W4A8 and, optionally, fp8 and the fake-quant reference. Each row also reports the output error
+against fp32, so "faster" is always read next to "as accurate".
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segquant_core.bench.timing import alternate
+from segquant_core.detect.plan import LayerPlan, Plan, Segments
+from segquant_core.quantize import quantize
+from segquant_core.recipes import Recipe, recipe
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A benchmark case: ``M×K×N`` plus the SegQuant structure a layer of that role has."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    segments: Segments | None = None  # the structure detection finds for this role
+    gelu_input: bool = False  # input comes from GELU/SiLU (DualScale candidates)
+
+
+def default_shapes(model: str = "sd35", tokens: tuple[int, ...] = (1024,), batch: int = 2) -> list[LayerShape]:
+    """SD3.5-medium (dim 1536, 24×64 heads) or Flux (dim 3072, 24×128) linear shapes."""
+    dim, heads = {"sd35": (1536, 24), "flux": (3072, 24)}[model]
+    head_dim, ff = dim // heads, 4 * dim
+    out: list[LayerShape] = []
+    for m in tokens:
+        out += [
+            LayerShape(f"qkv/to_out {m}×{dim}×{dim}", m, dim, dim, Segments("in", (head_dim,) * heads)),
+            LayerShape(f"ff up {m}×{dim}×{ff}", m, dim, ff),
+            LayerShape(f"ff down {m}×{ff}×{dim}", m, ff, dim, gelu_input=True),
+        ]
+    out.append(LayerShape(f"adaln {batch}×{dim}×{6 * dim}", batch, dim, 6 * dim, Segments("out", (dim,) * 6), True))
+    return out
+
+
+def cpu_target_shapes() -> list[LayerShape]:
+    """The shapes the CPU targets of the performance issue are stated at."""
+    base = default_shapes("sd35", (1024,))
+    dim = 1536
+    return [*base[:3], LayerShape(f"qkv/to_out 4096×{dim}×{dim}", 4096, dim, dim, Segments("in", (64,) * 24)),
+            base[3]]
+
+
+class _One(nn.Module):
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _inputs(shape: LayerShape, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.m, shape.k, generator=g)
+    if shape.gelu_input:
+        x = F.gelu(x * 2.0, approximate="tanh")
+    return x
+
+
+def build_segquant(linear: nn.Linear, r: Recipe, segments: Segments | None, dual: bool,
+                   calib: list[torch.Tensor], backend: str = "auto") -> nn.Module:
+    """A SegLinear for ``linear`` built by the engine's own flow (plan given explicitly)."""
+    model = _One(copy.deepcopy(linear))
+    plan = Plan([LayerPlan("layer", segments, dual)])
+    quantize(model, r, [{"x": x} for x in calib], plan, backend=backend, progress=False)
+    return model.layer
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_fp8: bool = False,
+                   include_reference: bool = False, seed: int = 0) -> tuple[dict[str, Callable[[], object]],
+                                                                            dict[str, float], dict[str, int]]:
+    """``(callables, rel. error vs fp32, weight bytes)`` for every candidate of ``shape``."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(shape.k, shape.n).eval()
+    x32 = _inputs(shape, seed + 1)
+    x16 = x32.to(torch.bfloat16)
+    calib = [_inputs(shape, seed + 2 + i) for i in range(4)]
+    with torch.no_grad():
+        ref = lin(x32)
+    lin16 = copy.deepcopy(lin).to(torch.bfloat16)
+    fns: dict[str, Callable[[], object]] = {"fp32": lambda: lin(x32), "bf16": lambda: lin16(x16)}
+    nbytes = {"fp32": shape.k * shape.n * 4, "bf16": shape.k * shape.n * 2}
+    if include_compile:
+        try:
+            comp = torch.compile(lin16)
+            with torch.no_grad():
+                comp(x16)
+            fns["bf16 compiled"] = lambda: comp(x16)
+            nbytes["bf16 compiled"] = nbytes["bf16"]
+        except Exception:  # a missing compiler just drops this baseline
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, torch.qint8)
+    fns["torch.ao int8 dynamic"] = lambda: ao(x32)
+    nbytes["torch.ao int8 dynamic"] = shape.k * shape.n + shape.n * 4
+    variants: list[tuple[str, Recipe, Segments | None, bool]] = [
+        ("segquant w8a8", recipe("w8a8"), None, False),
+        ("segquant w8a8 dual", recipe("w8a8"), None, True),
+    ]
+    if shape.segments is not None:
+        variants.append((f"segquant w8a8 seg({shape.segments.axis}×{shape.segments.count})", recipe("w8a8"),
+                         shape.segments, False))
+        if shape.gelu_input:
+            variants.append(("segquant w8a8 seg+dual", recipe("w8a8"), shape.segments, True))
+    variants.append(("segquant w4a8 (int4 w, dyn a)", recipe("w4a8-segquant", smooth=False, gptq=False), None, False))
+    if include_fp8:
+        variants.append(("segquant fp8", recipe("fp8-segquant"), None, False))
+    built: dict[str, nn.Module] = {}
+    for name, r, seg, dual in variants:
+        built[name] = build_segquant(lin, r, seg, dual, calib)
+    if include_reference:
+        built["segquant w8a8 (reference fake-quant)"] = build_segquant(lin, recipe("w8a8"), None, False, calib,
+                                                                       backend="reference")
+    errors = {"fp32": 0.0}
+    with torch.no_grad():
+        errors["bf16"] = _rel_err(lin16(x16), ref)
+        errors["torch.ao int8 dynamic"] = _rel_err(ao(x32), ref)
+        if "bf16 compiled" in fns:
+            errors["bf16 compiled"] = errors["bf16"]
+        for name, layer in built.items():
+            errors[name] = _rel_err(layer(x16), ref)
+            fns[name] = (lambda layer=layer: layer(x16))
+            nbytes[name] = layer.weight_nbytes()
+    return fns, errors, nbytes
+
+
+def run_layer_bench(shapes: list[LayerShape], *, rounds: int = 10, include_compile: bool = True,
+                    include_fp8: bool = False, include_reference: bool = False,
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
+    """One table row per (shape, candidate): median ms, speed-up vs bf16 and fp32, error, weight bytes."""
+    rows: list[dict[str, object]] = []
+    for shape in shapes:
+        if progress:
+            progress(shape.name)
+        fns, errors, nbytes = candidates_for(shape, include_compile=include_compile, include_fp8=include_fp8,
+                                             include_reference=include_reference)
+        with torch.no_grad():
+            timings = alternate(fns, rounds=rounds, warmup=2, max_seconds=120)
+        bf16, fp32 = timings["bf16"].median_s, timings["fp32"].median_s
+        ao = timings["torch.ao int8 dynamic"].median_s
+        for name, t in timings.items():
+            rows.append({"shape": shape.name, "m": shape.m, "k": shape.k, "n": shape.n, "candidate": name,
+                         "median_ms": round(t.median_ms, 3), "vs_bf16": round(bf16 / t.median_s, 3),
+                         "vs_fp32": round(fp32 / t.median_s, 3), "vs_torch_ao": round(ao / t.median_s, 3),
+                         "rel_err": errors.get(name), "weight_bytes": nbytes.get(name), "rounds": len(t.samples)})
+    return rows

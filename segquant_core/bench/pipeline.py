@@ -1,0 +1,107 @@
+"""``bench pipeline``: a whole text-to-image pipeline, float vs each quantized variant.
+
+Timing alternates the variants in one process (each call generates ``batch`` images with the same seeds).
+Peak memory is measured per variant in a fresh subprocess (process RSS on CPU, CUDA max allocated on GPU),
+because a process's high-water mark cannot be attributed to one of several models living in it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segquant_core.api import load_into_pipeline, quantize_pipeline, save
+from segquant_core.bench.timing import alternate
+from segquant_core.calibrate.capture import denoiser_of
+
+
+def _module_bytes(m: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def run_pipeline_bench(load_pipeline: Callable[[], Any], variants: list[str], calibration_prompts: list[str], *,
+                       prompt: str, batch: int = 4, steps: int = 20, guidance_scale: float = 3.0, rounds: int = 5,
+                       memory_cmd: list[str] | None = None, calib_steps_per_prompt: int = 4,
+                       progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
+    """Rows per variant: s/image, s/step, speed-up vs fp, denoiser weight bytes, peak memory (if measured)."""
+    names = ["fp", *[v for v in variants if v != "fp"]]
+    pipes: dict[str, Any] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="segquant-bench-"))
+    for name in names:
+        if progress:
+            progress(f"preparing {name}")
+        pipe = load_pipeline()
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        if name != "fp":
+            quantize_pipeline(pipe, name, calibration_prompts, num_inference_steps=steps,
+                              steps_per_prompt=calib_steps_per_prompt, guidance_scale=guidance_scale, progress=False)
+            save(denoiser_of(pipe), workdir / name.replace(":", "_"))
+        pipes[name] = pipe
+
+    def make(pipe: Any) -> Callable[[], object]:
+        def call() -> object:
+            gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+            return pipe([prompt] * batch, num_inference_steps=steps, guidance_scale=guidance_scale,
+                        generator=gens, output_type="np")
+        return call
+
+    if progress:
+        progress("timing")
+    with torch.no_grad():
+        timings = alternate({n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=600)
+    fp = timings["fp"].median_s
+    rows = []
+    for name, t in timings.items():
+        row: dict[str, object] = {
+            "variant": name, "batch": batch, "steps": steps, "s_per_image": round(t.median_s / batch, 4),
+            "s_per_step": round(t.median_s / steps, 4), "vs_fp": round(fp / t.median_s, 3),
+            "denoiser_bytes": _module_bytes(denoiser_of(pipes[name])), "rounds": len(t.samples)}
+        if memory_cmd is not None:
+            art = workdir / name.replace(":", "_")
+            row["peak_memory_bytes"] = measure_peak_memory(memory_cmd, art if name != "fp" else None,
+                                                           prompt, batch, steps, guidance_scale)
+        rows.append(row)
+    return rows
+
+
+def measure_peak_memory(memory_cmd: list[str], artifact: Path | None, prompt: str, batch: int, steps: int,
+                        guidance_scale: float) -> int | None:
+    """Run ``memory_cmd + [json args]`` in a fresh process; it prints ``{"peak_bytes": …}`` last."""
+    args = json.dumps({"artifact": str(artifact) if artifact else None, "prompt": prompt, "batch": batch,
+                       "steps": steps, "guidance_scale": guidance_scale})
+    proc = subprocess.run([*memory_cmd, args], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return None
+    try:
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_bytes"])
+    except (ValueError, KeyError, IndexError):
+        return None
+
+
+def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
+    """Subprocess side of :func:`measure_peak_memory`: load, apply the artifact, generate, print peak."""
+    from segquant_core.bench.timing import peak_rss_bytes
+
+    spec = json.loads(spec_json)
+    pipe = load_pipeline()
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    if spec["artifact"]:
+        load_into_pipeline(spec["artifact"], pipe)
+    cuda = torch.cuda.is_available() and next(denoiser_of(pipe).parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    gens = [torch.Generator().manual_seed(i) for i in range(spec["batch"])]
+    with torch.no_grad():
+        pipe([spec["prompt"]] * spec["batch"], num_inference_steps=spec["steps"],
+             guidance_scale=spec["guidance_scale"], generator=gens, output_type="np")
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    sys.stdout.write(json.dumps({"peak_bytes": int(peak)}) + "\n")
