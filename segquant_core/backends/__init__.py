@@ -4,11 +4,13 @@ Order of preference (first one that accepts a layer wins; ``reference`` accepts 
 
 =========  ====================================================================
 CPU        ``cpu-onednn-int8`` (int8/int4 weights, int8 activations), ``scaled-mm-fp8``, ``int-mm``
-CUDA       ``int-mm`` (cuBLAS int8), ``scaled-mm-fp8`` (sm_89+)
+CUDA       ``triton-fused`` (fused quantize + int8 GEMM + segment/dual scales, static int8 activations),
+           ``int-mm`` (cuBLAS int8), ``scaled-mm-fp8`` (sm_89+)
 any        ``reference`` (fake quantization in fp32: always correct, never fast)
 =========  ====================================================================
 
-A fused Triton backend plugs in here by being added to the CUDA list.
+``triton-fused`` also runs on CPU under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the tests
+check it; it is never chosen automatically on CPU.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from segquant_core.backends.cpu_onednn import OneDNNInt8Backend
 from segquant_core.backends.int_mm import IntMMBackend
 from segquant_core.backends.reference import ReferenceBackend
 from segquant_core.backends.scaled_mm import ScaledMMFp8Backend
+from segquant_core.backends.triton_fused import TritonFusedBackend
 
 logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, type[Backend]] = {
-    b.name: b for b in (OneDNNInt8Backend, IntMMBackend, ScaledMMFp8Backend, ReferenceBackend)
+    b.name: b for b in (OneDNNInt8Backend, IntMMBackend, ScaledMMFp8Backend, TritonFusedBackend, ReferenceBackend)
 }
 _AUTO_ORDER = {
     "cpu": ["cpu-onednn-int8", "scaled-mm-fp8", "int-mm", "reference"],
-    "cuda": ["int-mm", "scaled-mm-fp8", "reference"],
+    "cuda": ["triton-fused", "int-mm", "scaled-mm-fp8", "reference"],
 }
 
 
