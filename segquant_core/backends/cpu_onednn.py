@@ -1,15 +1,22 @@
-"""CPU int8 backend on oneDNN's prepacked quantized linear (VNNI / AMX kernels).
+"""CPU int8 backend: oneDNN's prepacked quantized linear or ``torch._int_mm``, whichever is faster per shape.
 
-oneDNN runs its fast u8×s8 kernels when activations are *unsigned* with a zero point; our symmetric int8
-activation codes are shifted by 128 into uint8 (zero point 128), which is exact. Weights are prepacked
-once at load; per-output-column weight scales (per-segment scales folded into one vector) and, for a
-static single-scale input, the activation scale and the bias are applied inside the same call. int4
-weights are unpacked to int8 for the GEMM (no faster CPU int4 path at these shapes). Small M is fine.
-The same op with *signed* int8 activations falls back to a reference loop ~1000× slower, hence the shift.
+oneDNN runs its fast u8×s8 VNNI kernels when activations are *unsigned* with a zero point; our symmetric
+int8 codes are shifted by 128 into uint8 (zero point 128), which is exact, and per-output-column weight scales
+(per-segment scales folded into one vector), the activation scale and the bias are applied in the same call.
+The same op with *signed* activations falls back to a reference loop ~1000× slower, hence the shift.
+
+Neither kernel wins everywhere on this class of CPU: prepacked oneDNN is faster at 1024×1536×{1536, 6144},
+``_int_mm`` (s8×s8 → s32, then a scaling pass) at K = 6144 and at M = 4096. So each GEMM group measures both
+once per power-of-two bucket of M, on the real input, and keeps the faster (``SEGQUANT_CPU_GEMM=onednn`` or
+``int_mm`` forces one). int4 weights are unpacked to int8 for the GEMM (no faster CPU int4 path at these
+shapes); small M is fine for both kernels.
 """
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,8 +30,18 @@ if TYPE_CHECKING:
     from segquant_core.seglinear import SegLinear
 
 
+@dataclass
+class CpuPacked:
+    """A group's weight for both kernels, and which one won per power-of-two bucket of M."""
+
+    onednn: torch.Tensor  # prepacked oneDNN weight
+    w_t: torch.Tensor  # int8 [K, N] (column-major view of [N, K]) for torch._int_mm
+    zero_points: torch.Tensor
+    choice: dict[int, str] = field(default_factory=dict)
+
+
 class OneDNNInt8Backend(GroupedGemmBackend):
-    name = "cpu-onednn-int8"
+    name = "cpu-onednn-int8"  # (name kept for artifacts/tests; it picks oneDNN or _int_mm per shape)
 
     @classmethod
     def available(cls) -> bool:
@@ -43,20 +60,49 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             return "activations are not int8"
         return None
 
-    def pack(self, group: GemmGroup) -> Any:
-        return torch.ops.onednn.qlinear_prepack(group.codes.contiguous(), None)
+    def pack(self, group: GemmGroup) -> CpuPacked:
+        codes = group.codes.contiguous()
+        zps = torch.zeros(codes.shape[0], dtype=torch.int64)
+        return CpuPacked(torch.ops.onednn.qlinear_prepack(codes, None), codes.t(), zps)
 
-    def encode(self, x: torch.Tensor, act: ActivationSpec,
-               group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
-        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=True)
+    def _choose(self, packed: CpuPacked, x: torch.Tensor, act: ActivationSpec, group: GemmGroup) -> str:
+        forced = os.environ.get("SEGQUANT_CPU_GEMM", "auto")
+        if forced in ("onednn", "int_mm"):
+            return forced
+        bucket = max(1, x.shape[0]).bit_length()
+        choice = packed.choice.get(bucket)
+        if choice is None:
+            timings = {}
+            for kind in ("onednn", "int_mm"):
+                rows, scale = encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn")
+                best = float("inf")
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    self._gemm(packed, group, rows, scale, None)
+                    best = min(best, time.perf_counter() - t0)
+                timings[kind] = best
+            choice = min(timings, key=timings.__getitem__)
+            packed.choice[bucket] = choice
+        return choice
+
+    def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
+               packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
+        kind = self._choose(packed, x, act, group) if packed is not None else "onednn"
+        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn")
 
     def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
              bias: torch.Tensor | None) -> torch.Tensor:
-        x_u8 = codes  # already shifted into uint8 by encode()
-        n = group.w_scale.numel()
-        zps = torch.zeros(n, dtype=torch.int64)
+        return self._gemm(packed, group, codes, row_scale, bias)
+
+    @staticmethod
+    def _gemm(packed: CpuPacked, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
+              bias: torch.Tensor | None) -> torch.Tensor:
         scalar = isinstance(row_scale, float)
-        y = torch.ops.onednn.qlinear_pointwise(
-            x_u8, row_scale if scalar else 1.0, 128, packed, group.w_scale, zps, bias,
-            1.0, 0, torch.float32, "none", [], "")
-        return y if scalar else y.mul_(row_scale)
+        if codes.dtype == torch.uint8:  # oneDNN: codes were shifted by +128 in encode()
+            y = torch.ops.onednn.qlinear_pointwise(
+                codes, row_scale if scalar else 1.0, 128, packed.onednn, group.w_scale, packed.zero_points, bias,
+                1.0, 0, torch.float32, "none", [], "")
+            return y if scalar else y.mul_(row_scale)
+        y = torch._int_mm(codes, packed.w_t).float().mul_(group.w_scale)
+        y = y.mul_(row_scale)
+        return y.add_(bias) if bias is not None else y

@@ -62,8 +62,8 @@ class GroupedGemmBackend(Backend):
         bias = layer.bias.float() if layer.bias is not None else None
         return PreparedLayer(prepared, bias, fuse and bias is not None)
 
-    def encode(self, x: torch.Tensor, act: ActivationSpec,
-               group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
+               packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Activation codes for :meth:`gemm` as ``[P·M, K]`` rows, and the row scale (float or ``[P·M, 1]``).
 
         This generic version works for every format; int8 backends override it with a fused one-pass encoder.
@@ -88,7 +88,7 @@ class GroupedGemmBackend(Backend):
         for pg in state.groups:
             g = pg.group
             xk = x if g.in_slice is None else x[:, g.in_slice[0]:g.in_slice[1]]
-            rows, row_scale = self.encode(xk, act, g)
+            rows, row_scale = self.encode(xk, act, g, pg.packed)
             if isinstance(row_scale, float):
                 y = self.gemm(pg.packed, g, rows, row_scale, state.bias if state.fuse_bias else None)
             else:

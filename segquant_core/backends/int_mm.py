@@ -39,8 +39,8 @@ class IntMMBackend(GroupedGemmBackend):
                 return "cuBLAS int8 GEMM needs every segment's K and N to be multiples of 8"
         return None
 
-    def encode(self, x: torch.Tensor, act: ActivationSpec,
-               group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
+               packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
         return encode_rows(x, act, group.act_scale, group.smooth, unsigned=False)
 
     def pack(self, group: GemmGroup) -> Any:
