@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from segquant_core.backends import assign_backends
+from segquant_core.backends import assign_backends, select_backend
 from segquant_core.calibrate.build import LayerReport, build_seglinear
 from segquant_core.calibrate.capture import CalibrationSet, run_calls
 from segquant_core.calibrate.observer import InputObserver
@@ -153,6 +153,14 @@ def quantize(model: nn.Module, recipe: str | Recipe, calibration: CalibrationSet
                        hessian_for=gptq_layers or None) as observer:
         run_calls(model, calls, progress=progress, on_call=lambda i: observer.start_call(i, len(calls)))
     model.train(was_training)
+    unseen = [n for n in targets if observer.stats[n].count == 0]
+    if unseen:
+        # Nothing to calibrate on (the calibration calls never reach these layers): keep them in float.
+        logger.warning("%d linear layer(s) saw no calibration input and stay in floating point: %s",
+                       len(unseen), ", ".join(unseen))
+        for name in unseen:
+            del targets[name]
+        result.excluded.extend(unseen)
 
     new_layers: dict[str, SegLinear] = {}
     for name, lin in tqdm(targets.items(), desc=f"quantizing ({r.name})", disable=not progress):
@@ -162,6 +170,8 @@ def quantize(model: nn.Module, recipe: str | Recipe, calibration: CalibrationSet
         result.float_bytes += _module_bytes(lin)
         result.quantized_bytes += layer.weight_nbytes()
         observer.stats[name].rows.clear()
+    for layer in new_layers.values():
+        select_backend(layer, backend)  # an impossible backend request fails here, before the model changes
     for name, layer in new_layers.items():
         _set_submodule(model, name, layer)
     result.backends = assign_backends(model, backend)

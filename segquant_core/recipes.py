@@ -93,6 +93,8 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r} has version {self.version}; this engine reads {RECIPE_VERSION}")
         if self.lowrank < 0:
             raise ValueError("lowrank must be ≥ 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"alpha_grid values must lie in [0, 1], got {list(self.alpha_grid)}")
         if self.weight is not None:  # validate the specs eagerly for a readable error

@@ -70,26 +70,36 @@ def _static_act_scale(act: ActivationSpec, pos: torch.Tensor, neg: torch.Tensor,
 def _build_segment(w: torch.Tensor, x_rows: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                    fit: tuple[torch.Tensor, torch.Tensor], spec: LayerSpec, rank: int,
                    hessian: torch.Tensor | None) -> _SegmentResult:
-    """Search α on ``x_rows`` with scales from the ``fit`` maxima, then finalise with all-data maxima."""
+    """Search α on ``x_rows`` with scales from the ``fit`` maxima, then finalise with all-data maxima.
+
+    Both the smoothing vector and the activation scale of a candidate come from the ``fit`` maxima only:
+    ``x_rows`` are held-out rows, and a smoothing vector built from maxima that include them would
+    normalise every channel to exactly the held-out range (α → 1 would then never clip while scoring).
+    """
     act = spec.activation
     target = x_rows @ w.t() if x_rows.numel() else None
     w_absmax = w.abs().amax(dim=0)
     x_absmax = torch.maximum(pos, neg)
+    fit_absmax = torch.maximum(fit[0], fit[1])
     grid = spec.alpha_grid if spec.smooth else (None,)
-    best: tuple[float, Any] | None = None
-    report = SegmentReport(alpha=None)
-    for alpha in grid:
-        s = smoothing_vector(x_absmax, w_absmax, alpha) if alpha is not None else None
+
+    def candidate(alpha: float | None, xmax: torch.Tensor):
+        s = smoothing_vector(xmax, w_absmax, alpha) if alpha is not None else None
         ws = w * s if s is not None else w
         lr = None
         if rank:
             down, up, ws = lowrank_split(ws, rank)
             lr = (down, up)
-        qw = encode_weight(ws, spec.weight)
-        act_scale = _static_act_scale(act, fit[0], fit[1], s) if act is not None else None
+        return s, ws, encode_weight(ws, spec.weight), lr
+
+    best: tuple[float, float | None] | None = None
+    report = SegmentReport(alpha=None)
+    for alpha in grid:
         if target is None or len(grid) == 1:
             err = float("nan")
         else:
+            s, _, qw, lr = candidate(alpha, fit_absmax)
+            act_scale = _static_act_scale(act, fit[0], fit[1], s) if act is not None else None
             xs = x_rows / s if s is not None else x_rows
             xq = fake_quantize_activation(xs, act, act_scale) if act is not None else xs
             y = xq @ qw.dequantize().t()
@@ -100,9 +110,10 @@ def _build_segment(w: torch.Tensor, x_rows: torch.Tensor, pos: torch.Tensor, neg
             report.errors[float(alpha)] = err
         key = err if err == err else 0.0  # NaN (nothing to score) keeps the first candidate
         if best is None or key < best[0]:
-            best = (key, (alpha, s, ws, qw, act_scale, lr))
+            best = (key, alpha)
     assert best is not None
-    alpha, s, ws, qw, _, lr = best[1]
+    alpha = best[1]
+    s, ws, qw, lr = candidate(alpha, x_absmax)
     act_scale = _static_act_scale(act, pos, neg, s) if act is not None else None
     report.alpha = None if alpha is None else float(alpha)
     if spec.gptq and hessian is not None:
@@ -127,14 +138,17 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
                           smooth=spec.smooth, lowrank_rank=rank)
     layer = SegLinear(cfg)
     reports = []
+    # A layer reached only by held-out (odd-numbered) calls has no fit maxima: fit on everything it saw.
+    fit_pos = stats.fit_pos_max if stats.fit_pos_max is not None else stats.pos_max
+    fit_neg = stats.fit_neg_max if stats.fit_neg_max is not None else stats.neg_max
     for seg, (a, b) in zip(layer.segs, segments.bounds()):
         if segments.axis == "out":
             wk, xk, pos, neg = w[a:b], rows, stats.pos_max, stats.neg_max
-            fit = (stats.fit_pos_max, stats.fit_neg_max)
+            fit = (fit_pos, fit_neg)
             hess = stats.hessian(0, k_in) if (spec.gptq and stats.hessians is not None) else None
         else:
             wk, xk, pos, neg = w[:, a:b], rows[:, a:b], stats.pos_max[a:b], stats.neg_max[a:b]
-            fit = (stats.fit_pos_max[a:b], stats.fit_neg_max[a:b])
+            fit = (fit_pos[a:b], fit_neg[a:b])
             hess = stats.hessian(a, b) if (spec.gptq and stats.hessians is not None) else None
         res = _build_segment(wk, xk, pos, neg, fit, spec, rank, hess)
         seg.weight = res.weight.data

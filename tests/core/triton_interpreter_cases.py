@@ -17,9 +17,9 @@ from segquant_core.backends import get_backend  # noqa: E402
 from segquant_core.backends.triton_fused import TritonFusedBackend, reference_int_gemm  # noqa: E402
 from segquant_core.detect.plan import LayerPlan, Plan, Segments  # noqa: E402
 from segquant_core.quantize import quantize  # noqa: E402
+from segquant_core.quantizers import ActivationSpec, WeightSpec  # noqa: E402
 from segquant_core.recipes import recipe  # noqa: E402
 from segquant_core.seglinear import SegLinear, SegLinearConfig  # noqa: E402
-from segquant_core.quantizers import ActivationSpec, WeightSpec  # noqa: E402
 
 
 class One(nn.Module):
