@@ -12,7 +12,8 @@ A recipe says how weights and activations are quantized and which SegQuant featu
 ==================  ===================================================================================
 
 Every switch is one flag away: ``recipe("w8a8-segquant", dual=False)`` or, as a string,
-``"w8a8-segquant:dual=off,gptq=on,lowrank=16"``. Per-layer overrides and excludes are fnmatch globs
+``"w8a8-segquant:dual=off,gptq=on,lowrank=16"`` (``+`` also separates switches, handy inside
+comma-separated lists: ``"w8a8-smooth:seg=on+dual=on"``). Per-layer overrides and excludes are fnmatch globs
 over module names (``"transformer_blocks.*.ff.net.2"``); later overrides win.
 """
 
@@ -205,7 +206,7 @@ def recipe(spec: str | Recipe, **switches: Any) -> Recipe:
             raise ValueError(f"unknown recipe {name!r}; expected one of: {', '.join(_PRESETS)}")
         base = _PRESETS[name]
         parsed: dict[str, Any] = {}
-        for item in filter(None, (p.strip() for p in rest.split(","))):
+        for item in filter(None, (p.strip() for p in rest.replace("+", ",").split(","))):
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"recipe switch {item!r} must look like key=value (e.g. dual=off)")

@@ -180,3 +180,11 @@ def test_b8_every_switch_combination_constructs():
     assert count == len(PRESETS) * 32 * 4
     # the reference's crashing ablation ("dualscale" with search on but no grid given) just uses the default grid
     assert recipe("w8a8-segquant:dual=on,search=on").alpha_grid == DEFAULT_ALPHA_GRID
+
+
+def test_plus_separates_switches_inside_comma_lists() -> None:
+    from segquant_core.recipes import recipe as make
+
+    r = make("w8a8-smooth:seg=on+dual=on")
+    assert r.seg and r.dual and r.smooth
+    assert make("w8a8-smooth:seg=on,dual=on") == r.with_switches(name="w8a8-smooth:seg=on,dual=on")
