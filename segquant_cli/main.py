@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from segquant_cli.commands import bench, plan, quantize
+from segquant_cli.commands import bench, export_onnx, plan, quantize, serve, worker
 from segquant_cli.commands import eval as eval_cmd
 from segquant_cli.errors import CLIError
 
-COMMANDS = [plan, quantize, eval_cmd, bench]
+COMMANDS = [plan, quantize, eval_cmd, bench, serve, worker, export_onnx]
 
 
 def build_parser() -> argparse.ArgumentParser:

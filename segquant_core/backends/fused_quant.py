@@ -103,6 +103,11 @@ def _kernel(name: str) -> Callable:
     fn = _FLAVOURS[name]
     if not compile_enabled():
         return fn
+    # A model feeds each flavour a handful of variants (input dtype, contiguous or column-sliced segments,
+    # 0/1-sized dims): allow more than Dynamo's default of 8 compiled versions per function.
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 

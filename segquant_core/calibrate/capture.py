@@ -1,12 +1,13 @@
 """Collect denoiser calls from a pipeline's own denoising loop, to calibrate on real inputs.
 
-A forward pre-hook on the pipeline's denoiser (``transformer`` or ``unet``) records the keyword inputs of
-a seeded random subset of the denoising steps of every prompt. The pipeline itself is untouched: no
-vendored loop, so any diffusers pipeline whose denoiser is called with keyword arguments works.
+A forward pre-hook on the pipeline's denoiser (``transformer`` or ``unet``) records the inputs of a seeded
+random subset of the denoising steps of every prompt (positional arguments are stored under their
+parameter names). The pipeline itself is untouched: no vendored loop, so any diffusers pipeline works.
 """
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,11 +85,14 @@ def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_step
                             guidance_scale=guidance_scale, seed=seed)
     state = {"step": 0, "keep": set()}
 
+    signature = inspect.signature(model.forward)
+
     def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if state["step"] in state["keep"]:
-            if args:
-                raise ValueError("calibration capture expects the denoiser to be called with keyword arguments")
-            result.calls.append(_to_cpu(kwargs))
+            # Positional arguments are stored under their parameter names, so every call replays as keywords.
+            bound = signature.bind(*args, **kwargs) if args else None
+            call = dict(bound.arguments) if bound is not None else kwargs
+            result.calls.append(_to_cpu(call))
         state["step"] += 1
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)

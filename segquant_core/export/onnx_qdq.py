@@ -220,9 +220,9 @@ def _weight_dq(parts: GraphParts, layer: SegLinear, group: list[int], base: str,
         w = torch.cat([s.weight.float().t() for s in segs], dim=1)
         return parts.init(f"{base}.{tag}.weight", _f32(w))
     fmt = segs[0].fmt
-    codes = torch.cat([s.quantized_weight().codes().t() for s in segs], dim=1)
+    codes = torch.cat([s.quantized_weight().codes().cpu().t() for s in segs], dim=1)
     q = parts.init(f"{base}.{tag}.weight_q", _weight_tensor(f"{base}.{tag}.weight_q", codes, fmt, opset))
-    scales = [s.weight_scale.float().reshape(-1) for s in segs]
+    scales = [s.weight_scale.detach().float().cpu().reshape(-1) for s in segs]
     if len(segs) == 1 and scales[0].numel() == 1:
         scale = parts.init(f"{base}.{tag}.weight_scale", _f32(scales[0].reshape(())))
         return parts.one("DequantizeLinear", [q, scale], f"{node}/weight_dq")
@@ -276,6 +276,22 @@ def _dynamic_qdq(parts: GraphParts, x: str, k: int, fmt: QuantFormat, per_token:
     return parts.one("DequantizeLinear", [q, scale, zp], f"{node}/dq")
 
 
+def _dual_split(parts: GraphParts, x: str, fmt: QuantFormat, node: str) -> tuple[str, str]:
+    """DualScale's two branches: ``max(x, 0)`` and ``min(x, 0)``.
+
+    The positive part is ``Relu`` for integer codes (the pattern TensorRT and ONNX Runtime expect) but
+    ``Max(x, 0)`` for fp8: ONNX Runtime 1.32's CPU ``Relu → QuantizeLinear`` fusion (optimization level ≥ 2)
+    drops a Relu in front of a FLOAT8E4M3FN QuantizeLinear with zero point 0 although fp8 codes are signed,
+    which lets negative values into the positive branch (observed: 6 % output error on a two-layer model).
+    """
+    zero = parts.init("segquant.const.zero", np.array(0.0, dtype=np.float32))
+    if fmt is QuantFormat.FP8_E4M3:
+        pos = parts.one("Max", [x, zero], f"{node}/pos")
+    else:
+        pos = parts.one("Relu", [x], f"{node}/pos")
+    return pos, parts.one("Min", [x, zero], f"{node}/neg")
+
+
 def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: str, opset: int,
                    call: int = 0) -> LayerQDQ:
     """Append the QDQ subgraph computing ``y = layer(x)`` to ``parts``; returns the emitted counts.
@@ -313,9 +329,7 @@ def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: st
         elif act.dynamic:
             per_token = act.granularity is Granularity.TOKEN
             if act.dual:
-                pos = parts.one("Relu", [xs], f"{node}/pos")
-                neg = parts.one("Min", [xs, parts.init("segquant.const.zero", np.array(0.0, dtype=np.float32))],
-                                f"{node}/neg")
+                pos, neg = _dual_split(parts, xs, act.fmt, node)
                 branches = [_dynamic_qdq(parts, pos, k_in, act.fmt, per_token, "pos", f"{node}/pos", opset),
                             _dynamic_qdq(parts, neg, k_in, act.fmt, per_token, "neg", f"{node}/neg", opset)]
             else:
@@ -323,9 +337,7 @@ def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: st
         else:
             scales = first.act_scale.float().reshape(-1).tolist()
             if act.dual:
-                pos = parts.one("Relu", [xs], f"{node}/pos")
-                neg = parts.one("Min", [xs, parts.init("segquant.const.zero", np.array(0.0, dtype=np.float32))],
-                                f"{node}/neg")
+                pos, neg = _dual_split(parts, xs, act.fmt, node)
                 branches = [_static_qdq(parts, pos, scales[0], act.fmt, f"{base}.{tag}.act_scale_pos", f"{node}/pos"),
                             _static_qdq(parts, neg, scales[1], act.fmt, f"{base}.{tag}.act_scale_neg", f"{node}/neg")]
             else:
