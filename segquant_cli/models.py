@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
 from segquant_cli.errors import CLIError
 
 DENOISER_COMPONENTS = ("transformer", "unet")
@@ -69,8 +67,9 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> Any:
     return pipeline_class(name).from_pretrained(str(p), **kwargs)
 
 
-def load_denoiser(path: str | Path, component: str | None = None) -> tuple[nn.Module, Any | None]:
+def load_denoiser(path: str | Path, component: str | None = None) -> tuple[Any, Any | None]:
     """``(denoiser, pipeline or None)`` from a pipeline dir, a model dir or a hub id."""
+    from torch import nn  # imported here so `segquant serve/worker --help` start without torch
     p = Path(path)
     if p.is_dir() and not is_pipeline_dir(p):
         cfg_file = p / "config.json"

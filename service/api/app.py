@@ -1,0 +1,118 @@
+"""The FastAPI application: routers, middleware, error handlers, and the lifespan that owns the queue.
+
+``create_app(settings)`` builds an app; nothing is created at import. The lifespan opens the queue
+(Redis, or the in-process queue without a Redis URL) and, in embedded mode, starts a worker in this
+process; on shutdown the worker drains and the Redis pool is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from service import __version__
+from service.api.errors import install_error_handlers
+from service.api.job_service import JobService
+from service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from service.api.routes import generate, health, jobs, models, openai
+from service.api.routes import metrics as metrics_route
+from service.api.state import AppState
+from service.jobs.local_queue import LocalQueue
+from service.jobs.queue import JobQueue
+from service.metrics import get_metrics
+from service.registry import Registry
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # the playground page (plain HTML/CSS/JS)
+
+DESCRIPTION = """Text-to-image generation with FP and SegQuant-quantized variants side by side.
+
+* `POST /generate` waits for the images (or `Prefer: respond-async` for a 202 + `Location`).
+* `POST /jobs` queues a job (`Idempotency-Key` supported); follow it with `GET /jobs/{id}` or the SSE stream
+  `GET /jobs/{id}/events`; `DELETE /jobs/{id}` cancels.
+* `POST /v1/images/generations` speaks the OpenAI Images API (plus seed/steps/guidance/variant).
+* `GET /models` lists every model × variant with state, memory, latency and fidelity.
+
+Errors always come as `{"error": {"message", "type", "param", "code"}}`. When API keys are configured every
+route except `/healthz` and `/readyz` needs `Authorization: Bearer <key>`.
+"""
+
+
+def _make_queue(settings: Settings) -> JobQueue:
+    q = settings.queue
+    if settings.redis_url:
+        from service.jobs.redis_queue import RedisQueue
+
+        return RedisQueue(settings.redis_url, prefix=settings.key_prefix, result_ttl_s=q.result_ttl_s,
+                          idempotency_ttl_s=q.idempotency_ttl_s, stream_maxlen=q.stream_maxlen)
+    return LocalQueue(result_ttl_s=q.result_ttl_s, idempotency_ttl_s=q.idempotency_ttl_s)
+
+
+def _start_worker(state: AppState) -> None:
+    """Embedded mode: a worker (engine + runner) in this process, on the app's queue."""
+    from service.worker.engine import Engine
+    from service.worker.runner import Runner
+
+    keys = state.registry.select(state.settings.worker.variants)
+    engine = Engine(state.registry, state.settings)
+    engine.validate(keys)
+    state.runner = Runner(state.queue, engine, state.settings, state.metrics, keys=keys)  # type: ignore[arg-type]
+    state.runner_task = asyncio.create_task(state.runner.run(), name="segquant-embedded-worker")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    registry = Registry.from_settings(settings)
+    metrics = get_metrics()
+    queue = _make_queue(settings)
+    state = AppState(settings=settings, registry=registry, queue=queue,
+                     jobs=JobService(queue, registry, settings, metrics), metrics=metrics)
+    app.state.segquant = state
+    if settings.embedded:
+        _start_worker(state)
+    logger.info("SegQuant Serve %s: %s mode, models %s", __version__,
+                "embedded" if settings.embedded else "api-only", ", ".join(registry.models))
+    try:
+        yield
+    finally:
+        if state.runner is not None and state.runner_task is not None:
+            state.runner.request_stop()
+            try:
+                await asyncio.wait_for(state.runner_task, timeout=settings.worker.drain_timeout_s + 10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                state.runner_task.cancel()
+            except Exception:
+                logger.exception("embedded worker failed")
+        await queue.close()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = get_metrics()
+    app = FastAPI(title="SegQuant Serve", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    install_error_handlers(app)
+    for router in (generate.router, jobs.router, openai.router, models.router, health.router, metrics_route.router):
+        app.include_router(router)
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html")
+
+    # Added last = outermost: metrics see every answer, auth runs before the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, metrics=metrics)
+    if settings.api_keys:
+        app.add_middleware(AuthMiddleware, keys=[k.get_secret_value() for k in settings.api_keys], metrics=metrics)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app

@@ -1,0 +1,184 @@
+"""Request and response bodies of the HTTP API (torch-free; limits that depend on settings or on the model
+are checked in :mod:`service.api.job_service` and answered with the same 422 shape)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from service.jobs.model import (
+    DebugOptions,
+    GenerationParams,
+    JobError,
+    JobResult,
+    JobState,
+    OutputFormat,
+    Progress,
+    Timings,
+)
+from service.registry import GenerationDefaults, SizeRule
+
+MAX_SEED = 2**63 - 1
+
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+class GenerateRequest(BaseModel):
+    """A text-to-image request (``POST /generate``, ``POST /jobs``). Unset fields take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"prompt": "a red circle", "seed": 7, "n": 1, "output_format": "png"}]})
+
+    prompt: str = Field(description="what to draw; at most limits.max_prompt_chars characters (default 1000)")
+    negative_prompt: str | None = Field(None, description="what to steer away from (same length limit)")
+    model: str | None = Field(None, description="a model name from GET /models; default: the first one")
+    variant: str | None = Field(None, description="fp or a quantized variant; default: the model's default")
+    width: int | None = Field(None, ge=1, description="pixels; a multiple of the model's size step, in bounds")
+    height: int | None = Field(None, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1, description="1..limits.max_inference_steps (100)")
+    guidance_scale: float | None = Field(None, ge=0, description="0..limits.max_guidance_scale (30); ≤1 = no CFG")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random; image i uses seed + i")
+    n: int = Field(1, ge=1, description="images; 1..limits.max_images (4)")
+    output_format: OutputFormat = "png"
+    deadline_s: float | None = Field(None, gt=0, description="expire instead of starting later than this (s)")
+    debug: DebugOptions | None = Field(None, description="test-only hooks; refused unless enabled in settings")
+
+    _prompt = field_validator("prompt")(_not_blank)
+
+
+class ImagePublic(BaseModel):
+    b64_json: str
+    seed: int
+    format: OutputFormat
+    width: int
+    height: int
+
+
+class GenerateResponse(BaseModel):
+    """The synchronous answer: images plus everything needed to reproduce them."""
+
+    id: str
+    model: str
+    variant: str
+    precision: str
+    seeds: list[int]
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    images: list[ImagePublic]
+    timings: Timings
+    worker_id: str
+    batch_size: int
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+
+
+class JobPublic(BaseModel):
+    """A job as clients see it (``GET /jobs/{id}``, 202 answers, the SSE terminal event)."""
+
+    id: str
+    state: JobState
+    model: str
+    variant: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    deadline_at: datetime | None = None
+    queue_position: int | None = Field(None, description="1 = next to start (queued jobs only)")
+    eta_s: float | None = Field(None, description="estimated seconds until it starts (queued jobs only)")
+    progress: Progress | None = None
+    attempts: int = 0
+    worker_id: str | None = None
+    cancel_requested: bool = False
+    params: GenerationParams
+    result: JobResult | None = None
+    error: JobError | None = None
+    links: JobLinks
+
+
+class LatencyPublic(BaseModel):
+    samples: int
+    inference_p50_s: float | None = None
+    inference_p95_s: float | None = None
+    total_p50_s: float | None = None
+    total_p95_s: float | None = None
+
+
+class VariantPublic(BaseModel):
+    name: str
+    recipe: str
+    state: Literal["not_built", "available", "building", "loaded", "failed"]
+    reason: str | None = None
+    precision: str | None = Field(None, description="compute dtype of the float parts (the fp variant's precision)")
+    device: str | None = None
+    weight_bytes: int | None = Field(None, description="denoiser weights as loaded (quantized layers included)")
+    peak_memory_bytes: int | None = None
+    memory_kind: str | None = None
+    load_seconds: float | None = None
+    latency: LatencyPublic
+    fidelity: dict[str, Any] | None = Field(None, description="the variant's eval.json, when one exists")
+    artifact: str | None = None
+    workers_loaded: int = 0
+
+
+class ModelPublic(BaseModel):
+    name: str
+    source: str
+    description: str
+    default_variant: str
+    sizes: SizeRule
+    defaults: GenerationDefaults
+    variants: list[VariantPublic]
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+
+
+class OpenAIImageRequest(BaseModel):
+    """OpenAI ``/v1/images/generations`` body, plus the usual self-hosted extension fields."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(1, ge=1)
+    size: str | None = Field(None, description="WIDTHxHEIGHT or 'auto'")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: OutputFormat = "png"
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None
+    # extensions (OpenAI SDK: extra_body={...})
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, validation_alias=AliasChoices("num_inference_steps", "steps"))
+    guidance_scale: float | None = Field(None, ge=0, validation_alias=AliasChoices("guidance_scale", "guidance"))
+    negative_prompt: str | None = None
+    variant: str | None = None
+
+    _prompt = field_validator("prompt")(_not_blank)
+
+
+class OpenAIImage(BaseModel):
+    b64_json: str
+    revised_prompt: str | None = None
+    seed: int
+
+
+class OpenAIImagesResponse(BaseModel):
+    created: int
+    data: list[OpenAIImage]
+    model: str
+    variant: str
+    output_format: OutputFormat
+    size: str

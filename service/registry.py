@@ -1,0 +1,325 @@
+"""The model registry: which models the service offers, their variants (recipes) and where artifacts live.
+
+A registry file (YAML, TOML or JSON; or ``models:`` inline in the settings file) lists models::
+
+    models:
+      - name: shapes-mmdit
+        source: shipped:mmdit            # shipped:NAME | tiny:KIND[:SEED] | /path/to/pipeline | hub/id
+        variants: [fp, w8a8-segquant]    # short form: variant name = recipe name
+      - name: other
+        source: /models/other
+        sizes: {multiple_of: 16, min: 256, max: 1024, default: 512}
+        variants:
+          - {name: int8, recipe: "w8a8-segquant:dual=off", calibration: {samples: 32}}
+
+A variant's artifact defaults to ``<cache_dir>/<model>/<variant>/`` and its fidelity report to ``eval.json``
+inside that folder. This module is torch-free: the API validates sizes from it without loading a model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+EVAL_REPORT_FILE = "eval.json"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class UnknownModelError(LookupError):
+    """A model or variant name that the registry does not list; carries the valid names."""
+
+    def __init__(self, what: str, name: str, valid: list[str]) -> None:
+        self.what, self.name, self.valid = what, name, valid
+        super().__init__(f"unknown {what} {name!r}; valid: {', '.join(valid) or '(none)'}")
+
+
+class SizeRule(BaseModel):
+    """Allowed image sizes of a model: a multiple and bounds, for width and height alike."""
+
+    model_config = ConfigDict(extra="forbid")
+    multiple_of: int = Field(8, ge=1)
+    min: int = Field(8, ge=1)
+    max: int = Field(2048, ge=1)
+    default: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SizeRule:
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"sizes: need min <= default <= max, got {self.min}, {self.default}, {self.max}")
+        if self.default % self.multiple_of:
+            raise ValueError(f"sizes: default {self.default} is not a multiple of {self.multiple_of}")
+        return self
+
+    def problem(self, value: int) -> str | None:
+        """Why ``value`` is not an allowed size, or None."""
+        if value % self.multiple_of:
+            return f"must be a multiple of {self.multiple_of} (got {value})"
+        if not self.min <= value <= self.max:
+            return f"must be between {self.min} and {self.max} (got {value})"
+        return None
+
+
+class CalibrationSpec(BaseModel):
+    """How a missing artifact is built: denoiser calls recorded from the pipeline's own loop."""
+
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(64, ge=1, description="recorded denoiser calls")
+    num_inference_steps: int = Field(20, ge=1)
+    steps_per_prompt: int = Field(4, ge=1)
+    guidance_scale: float | None = None
+    seed: int = 0
+    prompts_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _steps(self) -> CalibrationSpec:
+        if self.steps_per_prompt > self.num_inference_steps:
+            raise ValueError("calibration.steps_per_prompt must not exceed calibration.num_inference_steps")
+        return self
+
+
+class VariantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    recipe: str = Field(min_length=1, description="a segquant_core recipe name, with optional switches")
+    artifact: Path | None = Field(None, description="artifact folder; default <cache_dir>/<model>/<variant>")
+    eval_report: Path | None = Field(None, description=f"fidelity JSON; default <artifact>/{EVAL_REPORT_FILE}")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    description: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the variant needs an artifact (``fp`` runs the source weights as they are)."""
+        return self.recipe.split(":", 1)[0] != "fp"
+
+
+class GenerationDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_inference_steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN)
+    source: str = Field(min_length=1)
+    description: str = ""
+    default_variant: str | None = None
+    sizes: SizeRule | None = Field(None, description="derived from the denoiser config when omitted")
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    variants: list[VariantSpec] = Field(min_length=1)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"name": x, "recipe": x} if isinstance(x, str) else x for x in v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model {self.name!r}: duplicate variant names {dupes}")
+        if self.default_variant is None:
+            self.default_variant = "fp" if "fp" in names else names[0]
+        elif self.default_variant not in names:
+            raise ValueError(f"model {self.name!r}: default_variant {self.default_variant!r} is not one of {names}")
+        if self.sizes is None:
+            self.sizes = derive_size_rule(self.source)
+        return self
+
+    def variant(self, name: str | None) -> VariantSpec:
+        wanted = name or self.default_variant
+        for v in self.variants:
+            if v.name == wanted:
+                return v
+        raise UnknownModelError("variant", str(wanted), [v.name for v in self.variants])
+
+    @property
+    def size_rule(self) -> SizeRule:
+        assert self.sizes is not None  # set by the validator
+        return self.sizes
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    """(model, variant): the unit of routing, loading and metrics labels."""
+
+    model: str
+    variant: str
+
+    def __str__(self) -> str:
+        return f"{self.model}:{self.variant}"
+
+    @classmethod
+    def parse(cls, text: str) -> VariantKey:
+        model, sep, variant = text.partition(":")
+        if not sep or not model or not variant:
+            raise ValueError(f"expected MODEL:VARIANT, got {text!r}")
+        return cls(model, variant)
+
+
+class Registry:
+    """Models × variants, in file order (the first model is the default)."""
+
+    def __init__(self, models: list[ModelSpec]) -> None:
+        if not models:
+            raise ValueError("the registry lists no models")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate model names in the registry: {names}")
+        self.models: dict[str, ModelSpec] = {m.name: m for m in models}
+
+    @classmethod
+    def from_data(cls, data: list[dict[str, Any]] | dict[str, Any]) -> Registry:
+        entries = data.get("models") if isinstance(data, dict) else data
+        if not isinstance(entries, list):
+            raise ValueError("the registry must be a list of models (or a mapping with a 'models' list)")
+        return cls([ModelSpec.model_validate(e) for e in entries])
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Registry:
+        return cls.from_data(_read_structured(Path(path)))
+
+    @classmethod
+    def default(cls) -> Registry:
+        """The project's shipped MMDiT with the fp reference and the two SegQuant recipes."""
+        return cls.from_data([{
+            "name": "shapes-mmdit", "source": "shipped:mmdit",
+            "description": "the project's own 32x32 pixel-space MMDiT (coloured shapes)",
+            "variants": ["fp", "w8a8-segquant", "w4a8-segquant"],
+        }])
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Registry:
+        if settings.models:
+            return cls.from_data(settings.models)
+        if settings.registry_file:
+            return cls.from_file(settings.registry_file)
+        return cls.default()
+
+    @property
+    def default_model(self) -> ModelSpec:
+        return next(iter(self.models.values()))
+
+    def model(self, name: str | None) -> ModelSpec:
+        if name is None:
+            return self.default_model
+        spec = self.models.get(name)
+        if spec is None:
+            raise UnknownModelError("model", name, list(self.models))
+        return spec
+
+    def variant_keys(self) -> list[VariantKey]:
+        return [VariantKey(m.name, v.name) for m in self.models.values() for v in m.variants]
+
+    def select(self, patterns: list[str]) -> list[VariantKey]:
+        """The variants matching ``model:variant`` / ``model:*`` / ``model`` patterns (all when empty)."""
+        if not patterns:
+            return self.variant_keys()
+        chosen: list[VariantKey] = []
+        for pattern in patterns:
+            model, _, variant = pattern.partition(":")
+            spec = self.model(model)
+            names = [v.name for v in spec.variants] if variant in ("", "*") else [spec.variant(variant).name]
+            chosen += [VariantKey(model, n) for n in names if VariantKey(model, n) not in chosen]
+        return chosen
+
+    def artifact_dir(self, key: VariantKey, cache_dir: Path) -> Path:
+        spec = self.model(key.model).variant(key.variant)
+        return spec.artifact.expanduser() if spec.artifact else cache_dir / key.model / key.variant
+
+    def eval_report_path(self, key: VariantKey, cache_dir: Path) -> Path:
+        spec = self.model(key.model).variant(key.variant)
+        return spec.eval_report.expanduser() if spec.eval_report else \
+            self.artifact_dir(key, cache_dir) / EVAL_REPORT_FILE
+
+
+def _read_structured(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"registry file {path} does not exist")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text)
+    if suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"registry file {path}: unknown format {suffix!r} (use .yaml, .toml or .json)")
+
+
+def shipped_dir(name: str) -> Path | None:
+    """Folder of a shipped ``segquant_shapes`` pipeline, found without importing torch."""
+    spec = importlib.util.find_spec("segquant_shapes")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "weights" / name
+
+
+def source_pipeline_dir(source: str) -> Path | None:
+    """The local pipeline folder a source names, if it has one."""
+    if source.startswith("shipped:"):
+        return shipped_dir(source.split(":", 1)[1])
+    if source.startswith("tiny:"):
+        return None
+    path = Path(source).expanduser()
+    return path if path.exists() else None
+
+
+def _denoiser_config(source: str) -> tuple[dict[str, Any] | None, bool]:
+    """(denoiser config.json, pixel space?) of a source, read from disk; (None, False) when unknown."""
+    if source.startswith("tiny:"):
+        from segquant_shapes.models import PRESETS
+
+        kind = source.split(":")[1]
+        return dict(PRESETS[f"{kind}-tiny"]), True
+    folder = source_pipeline_dir(source)
+    if folder is not None:
+        for component in ("transformer", "unet"):
+            cfg = folder / component / "config.json"
+            if cfg.is_file():
+                return json.loads(cfg.read_text()), not (folder / "vae").exists()
+    if source.startswith("shipped:"):  # weights not on this machine (e.g. an API-only host): the preset
+        from segquant_shapes.models import PRESETS
+
+        preset = PRESETS.get(source.split(":", 1)[1])
+        return (dict(preset), True) if preset else (None, False)
+    return None, False
+
+
+def derive_size_rule(source: str) -> SizeRule:
+    """Sizes a denoiser accepts, from its config: DiT patch × position-table size, or UNet multiples of 8."""
+    cfg, pixel_space = _denoiser_config(source)
+    if cfg is None:
+        return SizeRule()
+    scale = 1 if pixel_space else 8
+    default = int(cfg.get("sample_size") or 64) * scale
+    if "patch_size" in cfg:
+        step = int(cfg["patch_size"]) * scale
+        table = cfg.get("pos_embed_max_size")
+        top = step * int(table) if table else default * 2
+        return SizeRule(multiple_of=step, min=step, max=top, default=min(default, top))
+    return SizeRule(multiple_of=8, min=8, max=default * 4, default=default)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"WxH"`` → (width, height)."""
+    m = re.fullmatch(r"\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*", text)
+    if not m:
+        raise ValueError(f"size must look like WIDTHxHEIGHT, e.g. 32x32 (got {text!r})")
+    return int(m.group(1)), int(m.group(2))

@@ -1,0 +1,496 @@
+"""The worker loop: read deliveries, batch compatible jobs, run them, write results, acknowledge.
+
+Around it run two small tasks: a heartbeat (keeps the held stream entries from being reclaimed, refreshes
+the worker's advertisement) and a cancel poll (flags jobs whose cancellation was requested). The pipeline
+call runs in a thread; its step callback only touches thread-safe state and hands progress to the loop.
+
+Order of writes for a job: start (check-and-set) → pipeline → finish (check-and-set, result + terminal
+event) → acknowledge. A crash anywhere before the acknowledgement leaves the entry pending, so another
+worker reclaims it; the check-and-set makes sure only one completion is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from service.jobs.model import FailureReason, ImageOut, Job, JobError, JobResult, JobState, Timings
+from service.jobs.queue import (
+    Delivery,
+    QueueUnavailableError,
+    StatsRecord,
+    WorkerInfo,
+    WorkerQueue,
+)
+from service.metrics import Metrics
+from service.registry import VariantKey
+from service.settings import Settings
+from service.worker import images as imaging
+from service.worker import memory
+from service.worker.batching import group_compatible
+from service.worker.engine import CallStats, Engine, LoadedVariant, Sample, StopBatch
+
+logger = logging.getLogger(__name__)
+
+CRASH_EXIT_CODE = 86
+_TRANSIENT = (QueueUnavailableError, ConnectionError, OSError, TimeoutError)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass
+class _Control:
+    """Shared between the loop and one pipeline call's thread."""
+
+    job_ids: list[str]
+    crash: bool = False
+    step_delay_s: float = 0.0
+    canceled: set[str] = field(default_factory=set)
+    handback: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def all_canceled(self) -> bool:
+        with self.lock:
+            return set(self.job_ids) <= self.canceled
+
+
+@dataclass
+class _Item:
+    delivery: Delivery
+    job: Job
+
+
+class Runner:
+    """One worker: serves ``keys`` from ``queue`` with ``engine``."""
+
+    def __init__(self, queue: WorkerQueue, engine: Engine, settings: Settings, metrics: Metrics, *,
+                 keys: list[VariantKey], worker_id: str | None = None, metrics_port: int | None = None) -> None:
+        self.queue, self.engine, self.settings, self.metrics = queue, engine, settings, metrics
+        self.keys = keys
+        self.worker_id = worker_id or settings.worker.id or default_worker_id()
+        self.metrics_port = metrics_port
+        self.state: Literal["starting", "ready", "draining"] = "starting"
+        self.started_at = time.time()
+        self._held: dict[str, Delivery] = {}  # entry id → delivery, refreshed by the heartbeat
+        self._controls: list[_Control] = []
+        self._stopping = asyncio.Event()
+        self._next_reclaim = 0.0
+        self._running = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Serve until :meth:`request_stop`; then finish or hand back what is held, and withdraw."""
+        self._loop = asyncio.get_running_loop()
+        await self._with_retry(lambda: self.queue.prepare(self.keys))
+        tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop())]
+        try:
+            await self._with_retry(self._advertise)
+            await self._preload()
+            self.state = "ready"
+            await self._with_retry(self._advertise)
+            logger.info("worker %s ready: serving %s", self.worker_id, ", ".join(map(str, self.keys)))
+            while not self._stopping.is_set():
+                try:
+                    deliveries = await self._next_deliveries()
+                    if deliveries:
+                        await self._process(deliveries)
+                except Exception as e:  # never let one bad iteration (or a Redis outage) kill the worker
+                    if isinstance(e, _TRANSIENT) or "connect" in str(e).lower():
+                        logger.warning("queue unavailable (%s); retrying in 1s", e)
+                    else:
+                        logger.exception("worker loop error; retrying in 1s")
+                    await self._sleep_or_stop(1.0)
+        finally:
+            self.state = "draining"
+            await self._release_held()
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await self.queue.forget_consumer(self.keys, self.worker_id)
+                await self.queue.withdraw(self.worker_id)
+            logger.info("worker %s stopped", self.worker_id)
+
+    def request_stop(self, drain_timeout_s: float | None = None) -> None:
+        """Stop taking jobs; the running batch may finish within the drain timeout, then it is handed back."""
+        if self._stopping.is_set():
+            return
+        timeout = self.settings.worker.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        logger.info("worker %s draining (up to %.0fs for the running batch)", self.worker_id, timeout)
+        self.state = "draining"
+        self._stopping.set()
+        if self._loop is not None:
+            self._loop.call_later(timeout, self._hand_back_running)
+
+    def _hand_back_running(self) -> None:
+        for control in self._controls:
+            control.handback.set()
+
+    async def _sleep_or_stop(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _with_retry(self, fn: Callable[[], Any]) -> Any:
+        delay = 0.5
+        while True:
+            try:
+                return await fn()
+            except Exception as e:
+                if self._stopping.is_set():
+                    raise
+                logger.warning("queue unavailable (%s); retrying in %.1fs", e, delay)
+                await self._sleep_or_stop(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _preload(self) -> None:
+        wanted = self.settings.worker.preload
+        if wanted is None:
+            keys = [VariantKey(m, self.engine.registry.model(m).default_variant or "")
+                    for m in dict.fromkeys(k.model for k in self.keys)]
+        else:
+            keys = self.engine.registry.select(wanted)
+        for key in [k for k in keys if k in self.keys]:
+            if self._stopping.is_set():
+                return
+            try:
+                await self._load(key)
+            except Exception as e:  # the failure is in the variant's status; keep serving the others
+                logger.warning("preloading %s failed: %s", key, e)
+
+    async def _load(self, key: VariantKey) -> LoadedVariant:
+        already = key in self.engine.loaded_keys()
+        lv = await asyncio.to_thread(self.engine.load, key)
+        if not already:
+            if self.settings.worker.warmup:  # first-call costs (text encoder, kernel setup) are not a job's
+                try:
+                    await asyncio.to_thread(self.engine.warmup, lv)
+                except Exception as e:
+                    logger.warning("warm-up of %s failed (%s); serving it anyway", key, e)
+            m = self.metrics
+            m.model_load.labels(key.model, key.variant).observe(lv.load_seconds)
+            if lv.build_seconds is not None:
+                m.model_build.labels(key.model, key.variant).observe(lv.build_seconds)
+            m.model_weight_bytes.labels(key.model, key.variant).set(lv.weight_bytes)
+            m.variant_info.labels(key.model, key.variant, lv.spec.recipe, lv.precision, lv.device).set(1)
+            m.models_loaded.set(len(self.engine.loaded_keys()))
+            with contextlib.suppress(Exception):
+                await self._advertise()
+        return lv
+
+    # ------------------------------------------------------------------ background tasks
+    def _info(self) -> WorkerInfo:
+        return WorkerInfo(id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), device=self.engine.device,
+                          state=self.state, started_at=self.started_at, metrics_port=self.metrics_port,
+                          variants={str(k): self.engine.status(k) for k in self.keys}, running=self._running)
+
+    async def _advertise(self) -> None:
+        ttl = max(3 * self.settings.queue.heartbeat_interval_s, 2.0)
+        await self.queue.advertise(self._info(), ttl)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.queue.heartbeat_interval_s)
+            try:
+                lost = await self.queue.refresh(list(self._held.values()), self.worker_id)
+                for entry in lost:
+                    d = self._held.pop(entry, None)  # no longer ours to refresh or hand back
+                    logger.warning("job %s was reclaimed by another worker (this one looked dead); "
+                                   "whichever finishes first records the result", d.job_id if d else entry)
+                await self._advertise()
+            except Exception as e:  # keep beating whatever happens
+                logger.warning("heartbeat failed: %s", e)
+
+    async def _cancel_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker.cancel_poll_s)
+            controls = list(self._controls)
+            ids = [j for c in controls for j in c.job_ids]
+            if not ids:
+                continue
+            try:
+                canceled = await self.queue.cancel_requested(ids)
+            except Exception as e:
+                logger.warning("cancel poll failed: %s", e)
+                continue
+            for c in controls:
+                with c.lock:
+                    c.canceled |= canceled & set(c.job_ids)
+
+    # ------------------------------------------------------------------ reading
+    def _ordered_keys(self) -> list[VariantKey]:
+        """Variants already in memory first, so a worker does not swap models while it has work for one."""
+        loaded = set(self.engine.loaded_keys())
+        return sorted(self.keys, key=lambda k: k not in loaded)
+
+    async def _next_deliveries(self) -> list[Delivery]:
+        q, w = self.settings.queue, self.settings.worker
+        now = time.monotonic()
+        if now >= self._next_reclaim:
+            self._next_reclaim = now + max(q.reclaim_idle_s / 2, q.heartbeat_interval_s)
+            reclaimed = await self.queue.reclaim(self.keys, self.worker_id, q.reclaim_idle_s, w.max_batch_size)
+            if reclaimed:
+                logger.info("reclaimed %d job(s) from dead or stalled workers", len(reclaimed))
+                return reclaimed
+        got: list[Delivery] = []
+        for key in self._ordered_keys():
+            got = await self.queue.read([key], self.worker_id, w.max_batch_size, 0)
+            if got:
+                break
+        if not got:
+            block = int(min(1.0, q.reclaim_idle_s / 2) * 1000)
+            got = await self.queue.read(self._ordered_keys(), self.worker_id, 1, block)
+        if got and w.batch_wait_ms > 0 and len(got) < w.max_batch_size:
+            deadline = time.monotonic() + w.batch_wait_ms / 1000
+            while len(got) < w.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                more = await self.queue.read([got[0].key], self.worker_id, w.max_batch_size - len(got),
+                                             max(1, int(left * 1000)))
+                if not more:
+                    break
+                got += more
+        return got
+
+    # ------------------------------------------------------------------ processing
+    async def _process(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            self._held[d.entry_id] = d
+        try:
+            items: list[_Item] = []
+            for d in deliveries:
+                item = await self._admit(d)
+                if item is not None:
+                    items.append(item)
+            batches = group_compatible(items, key=lambda it: it.job.params.batch_key(),
+                                       size=lambda it: it.job.params.n,
+                                       max_images=self.settings.worker.max_batch_size)
+            for batch in batches:
+                if self._stopping.is_set():
+                    break  # draining: what was read but not started is handed back below
+                await self._run_batch(batch)
+        finally:
+            await self._release_held()
+
+    async def _admit(self, d: Delivery) -> _Item | None:
+        """Skip finished jobs, dead-letter over-delivered ones; the rest are started just before their batch."""
+        key = d.key
+        job = await self.queue.get(d.job_id)
+        if job is None or job.state.terminal:
+            await self._ack(d)
+            return None
+        if d.deliveries > 1:
+            self.metrics.redeliveries.labels(key.model, key.variant).inc()
+        if d.deliveries > self.settings.queue.max_deliveries:
+            message = (f"delivered {d.deliveries} times and its worker died each time (limit "
+                       f"{self.settings.queue.max_deliveries}); moved to the dead-letter stream")
+            written = await self.queue.dead_letter(d, message)
+            self._held.pop(d.entry_id, None)
+            self.metrics.dead_lettered.labels(key.model, key.variant).inc()
+            if written:
+                self._count_terminal(key, JobState.FAILED, FailureReason.WORKER_LOST.value)
+            logger.error("job %s dead-lettered: %s", d.job_id, message)
+            return None
+        return _Item(d, job)
+
+    async def _start(self, batch: list[_Item]) -> list[_Item]:
+        started: list[_Item] = []
+        for it in batch:
+            outcome = await self.queue.start(it.delivery, self.worker_id)
+            if outcome.status == "started" and outcome.job is not None:
+                started.append(_Item(it.delivery, outcome.job))
+                continue
+            if outcome.status in ("canceled", "expired"):
+                self._count_terminal(it.delivery.key, JobState(outcome.status))
+            await self._ack(it.delivery)
+        return started
+
+    async def _ack(self, d: Delivery) -> None:
+        await self.queue.ack(d)
+        self._held.pop(d.entry_id, None)
+
+    async def _run_batch(self, batch: list[_Item], *, alone: bool = False) -> None:
+        batch = await self._start(batch) if not alone else batch
+        if not batch:
+            return
+        params = batch[0].job.params
+        key = VariantKey(params.model, params.variant)
+        m = self.metrics
+        load_start = time.perf_counter()
+        try:
+            lv = await self._load(key)
+            load_s = time.perf_counter() - load_start  # ~0 unless this batch waited for a load or build
+        except Exception as e:
+            reason = f"variant {key} could not be loaded: {type(e).__name__}: {e}"
+            for it in batch:
+                await self._fail(it, FailureReason.MODEL_UNAVAILABLE, reason)
+            return
+        hooks = [it.job.params.debug for it in batch if it.job.params.debug is not None] \
+            if self.settings.debug_hooks else []
+        control = _Control([it.job.id for it in batch], crash=any(h.crash_worker for h in hooks),
+                           step_delay_s=max((h.step_delay_s for h in hooks), default=0.0))
+        for it in [] if alone else batch:
+            m.queue_wait.labels(key.model, key.variant).observe(
+                max(0.0, (it.job.started_at or time.time()) - it.job.created_at))
+        progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+        publisher = asyncio.create_task(self._publish_progress(progress, control))
+        self._controls.append(control)
+        self._running += len(batch)
+        m.jobs_running.labels(key.model, key.variant).inc(len(batch))
+        loop = asyncio.get_running_loop()
+        on_step = self._step_callback(control, loop, progress)
+        retry_alone: list[_Item] = []
+        try:
+            grouped, stats = await asyncio.to_thread(
+                self.engine.generate, lv, [Sample(it.job.params.prompt, it.job.params.negative_prompt,
+                                                  it.job.params.seeds) for it in batch],
+                width=params.width, height=params.height, steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale, on_step=on_step)
+        except StopBatch as stop:
+            await self._stopped(batch, control, handback=stop.handback)
+        except Exception as e:
+            if memory.is_oom(e):
+                memory.free_memory()
+                if len(batch) > 1:
+                    logger.warning("batch of %d jobs ran out of memory (%s); retrying them one by one", len(batch), e)
+                    retry_alone = list(batch)
+                else:
+                    await self._fail(batch[0], FailureReason.OOM, f"out of memory: {e}")
+            elif isinstance(e, ValueError):
+                for it in batch:
+                    await self._fail(it, FailureReason.INVALID, str(e))
+            else:
+                logger.exception("pipeline call failed for %s", key)
+                for it in batch:
+                    await self._fail(it, FailureReason.INTERNAL, f"{type(e).__name__}: {e}")
+        else:
+            await self._succeed(batch, control, lv, grouped, stats, load_s=load_s)
+            with contextlib.suppress(Exception):
+                await self._advertise()  # fresh latency/memory figures for GET /models
+        finally:
+            progress.put_nowait(None)
+            await publisher
+            self._controls.remove(control)
+            self._running -= len(batch)
+            m.jobs_running.labels(key.model, key.variant).dec(len(batch))
+        for it in retry_alone:
+            await self._run_batch([it], alone=True)
+
+    def _step_callback(self, control: _Control, loop: asyncio.AbstractEventLoop,
+                       progress: asyncio.Queue[tuple[int, int] | None]) -> Callable[[int, int], None]:
+        def on_step(step: int, total: int) -> None:  # runs in the pipeline thread
+            if control.crash:
+                logger.critical("debug hook crash_worker: exiting the worker process now")
+                os._exit(CRASH_EXIT_CODE)
+            loop.call_soon_threadsafe(progress.put_nowait, (step, total))
+            if control.step_delay_s:
+                time.sleep(control.step_delay_s)
+            if control.handback.is_set():
+                raise StopBatch(handback=True)
+            if control.all_canceled():
+                raise StopBatch()
+        return on_step
+
+    async def _publish_progress(self, progress: asyncio.Queue[tuple[int, int] | None], control: _Control) -> None:
+        """Publish steps in order, one writer per batch (a later step never overtakes an earlier one)."""
+        while (item := await progress.get()) is not None:
+            step, total = item
+            for job_id in control.job_ids:
+                with contextlib.suppress(Exception):
+                    await self.queue.progress(job_id, step, total)
+
+    async def _stopped(self, batch: list[_Item], control: _Control, *, handback: bool) -> None:
+        for it in batch:
+            if it.job.id in control.canceled:
+                await self._finish(it, JobState.CANCELED, error=JobError(reason="canceled",
+                                                                         message="canceled while running"))
+            elif handback:
+                await self.queue.release(it.delivery, self.worker_id)
+                self._held.pop(it.delivery.entry_id, None)
+                logger.info("handed job %s back to the queue (worker draining)", it.job.id)
+            else:
+                await self._finish(it, JobState.CANCELED, error=JobError(reason="canceled",
+                                                                         message="canceled while running"))
+
+    async def _succeed(self, batch: list[_Item], control: _Control, lv: LoadedVariant,
+                       grouped: list[list[Any]], stats: CallStats, *, load_s: float = 0.0) -> None:
+        key, m = lv.key, self.metrics
+        m.inference.labels(key.model, key.variant).observe(stats.inference_s)
+        m.batch_size.labels(key.model, key.variant).observe(stats.images)
+        for s in stats.step_seconds:
+            m.denoise_step.labels(key.model, key.variant).observe(s)
+        if stats.peak_memory_bytes:
+            m.model_peak_memory.labels(key.model, key.variant, stats.memory_kind).set(lv.peak_memory_bytes)
+        records: list[StatsRecord] = []
+        for it, pil_images in zip(batch, grouped):
+            if it.job.id in control.canceled:
+                await self._finish(it, JobState.CANCELED, error=JobError(reason="canceled",
+                                                                         message="canceled while running"))
+                continue
+            p = it.job.params
+            encode_start = time.perf_counter()
+            images = await asyncio.to_thread(self._encode, it.job, lv, pil_images)
+            encode_s = time.perf_counter() - encode_start
+            now = time.time()
+            started = it.job.started_at or now
+            timings = Timings(queue_wait_s=round(started - it.job.created_at, 4), load_s=round(load_s, 4),
+                              inference_s=round(stats.inference_s, 4), encode_s=round(encode_s, 4),
+                              total_s=round(now - it.job.created_at, 4))
+            result = JobResult(images=images, timings=timings, worker_id=self.worker_id, batch_size=stats.images,
+                               precision=lv.precision)
+            if await self._finish(it, JobState.SUCCEEDED, result=result):
+                m.images.labels(key.model, key.variant).inc(p.n)
+                m.job_duration.labels(key.model, key.variant).observe(timings.total_s)
+                records.append(StatsRecord(inference_s=stats.inference_s, total_s=timings.total_s,
+                                           service_s=stats.inference_s / len(batch)))
+        with contextlib.suppress(Exception):
+            await self.queue.record_stats(key, records)
+
+    def _encode(self, job: Job, lv: LoadedVariant, pil_images: list[Any]) -> list[ImageOut]:
+        p = job.params
+        out = []
+        for seed, image in zip(p.seeds, pil_images):
+            meta = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": seed, "model": p.model,
+                    "variant": p.variant, "recipe": lv.spec.recipe, "steps": p.num_inference_steps,
+                    "guidance_scale": p.guidance_scale, "width": p.width, "height": p.height, "job_id": job.id}
+            out.append(ImageOut(b64_json=imaging.encode_b64(image, p.output_format, meta), seed=seed,
+                                format=p.output_format, width=image.width, height=image.height))
+        return out
+
+    async def _fail(self, it: _Item, reason: FailureReason, message: str) -> None:
+        logger.warning("job %s failed (%s): %s", it.job.id, reason.value, message)
+        await self._finish(it, JobState.FAILED, error=JobError(reason=reason.value, message=message))
+
+    async def _finish(self, it: _Item, state: JobState, *, result: JobResult | None = None,
+                      error: JobError | None = None) -> bool:
+        key = it.delivery.key
+        written = await self.queue.finish(it.job.id, state, result=result, error=error, worker_id=self.worker_id)
+        if written:
+            self._count_terminal(key, state, error.reason if error and state is JobState.FAILED else None)
+        else:
+            self.metrics.duplicate_completions.labels(key.model, key.variant).inc()
+            logger.info("job %s had already finished elsewhere; this completion was not recorded", it.job.id)
+        await self._ack(it.delivery)
+        return written
+
+    def _count_terminal(self, key: VariantKey, state: JobState, reason: str | None = None) -> None:
+        self.metrics.jobs_finished.labels(key.model, key.variant, state.value).inc()
+        if state is JobState.FAILED:
+            self.metrics.jobs_failed.labels(key.model, key.variant, reason or "internal").inc()
+
+    async def _release_held(self) -> None:
+        """Hand back entries read but not finished (drain, or an error between read and run)."""
+        for d in list(self._held.values()):
+            try:
+                await self.queue.release(d, self.worker_id)
+            except Exception as e:  # leave it pending: the reclaim path will pick it up
+                logger.warning("could not hand back job %s: %s", d.job_id, e)
+            self._held.pop(d.entry_id, None)
