@@ -6,9 +6,11 @@ int8 codes are shifted by 128 into uint8 (zero point 128), which is exact, and p
 The same op with *signed* activations falls back to a reference loop ~1000× slower, hence the shift.
 
 Neither kernel wins everywhere on this class of CPU: prepacked oneDNN is faster at 1024×1536×{1536, 6144},
-``_int_mm`` (s8×s8 → s32, then a scaling pass) at K = 6144 and at M = 4096. So each GEMM group measures both
-once per power-of-two bucket of M, on the real input, and keeps the faster (``SEGQUANT_CPU_GEMM=onednn`` or
-``int_mm`` forces one). int4 weights are unpacked to int8 for the GEMM (no faster CPU int4 path at these
+``_int_mm`` (s8×s8 → s32, then a scaling pass) at K ≥ 4096 and at M ≥ 2048 (measured, ENVIRONMENT.md). The
+default picks by that shape rule, which is deterministic: the same artifact gives bit-identical outputs in
+every process. ``SEGQUANT_CPU_GEMM=autotune`` instead times both once per power-of-two bucket of M on the
+real input and keeps the faster (fastest, but the choice — and so the last bits — can differ between runs);
+``onednn`` or ``int_mm`` forces one. int4 weights are unpacked to int8 for the GEMM (no faster CPU int4 path at these
 shapes); small M is fine for both kernels.
 """
 
@@ -66,9 +68,11 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         return CpuPacked(torch.ops.onednn.qlinear_prepack(codes, None), codes.t(), zps)
 
     def _choose(self, packed: CpuPacked, x: torch.Tensor, act: ActivationSpec, group: GemmGroup) -> str:
-        forced = os.environ.get("SEGQUANT_CPU_GEMM", "auto")
-        if forced in ("onednn", "int_mm"):
-            return forced
+        mode = os.environ.get("SEGQUANT_CPU_GEMM", "rule")
+        if mode in ("onednn", "int_mm"):
+            return mode
+        if mode != "autotune":
+            return "int_mm" if (group.codes.shape[1] >= 4096 or x.shape[0] >= 2048) else "onednn"
         bucket = max(1, x.shape[0]).bit_length()
         choice = packed.choice.get(bucket)
         if choice is None:
