@@ -39,6 +39,7 @@ def export_run(
     seeds: int = 4,
     cfg: float = 3.0,
     steps: int = 20,
+    train_prompts: int = 32,
 ) -> dict[str, Any]:
     """Write the EMA pipeline to ``out`` and a model card; returns the card's facts."""
     from .checkpoint import latest_checkpoint
@@ -55,6 +56,9 @@ def export_run(
     pipe.set_progress_bar_config(disable=True)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
+    for f in out.rglob("*"):
+        if f.is_file():
+            f.chmod(0o644)  # safetensors writes 0600; shipped package data must be world-readable
     facts: dict[str, Any] = {
         "kind": kind,
         "params": sum(p.numel() for p in model.parameters()),
@@ -70,10 +74,26 @@ def export_run(
     if evaluate:
         t0 = time.time()
         facts["adherence_heldout"] = evaluate_pipeline(pipe, eval_prompts(n_prompts), seeds, cfg, steps)
-        facts["adherence_train"] = evaluate_pipeline(pipe, calibration_prompts(n_prompts), seeds, cfg, steps)
+        if train_prompts:
+            facts["adherence_train"] = evaluate_pipeline(pipe, calibration_prompts(train_prompts), seeds, cfg, steps)
         facts["eval_seconds"] = time.time() - t0
+    notes = run_dir / "CARD_NOTES.md"  # optional hand-written observations, appended to the card
+    if notes.exists():
+        facts["notes"] = notes.read_text().strip()
     (out / "MODEL_CARD.md").write_text(model_card(facts))
+    (out / "MODEL_CARD.md").chmod(0o644)
     (run_dir / "export_facts.json").write_text(json.dumps(facts, indent=2))
+    return facts
+
+
+def rewrite_card(run_dir: Path, out: Path) -> dict[str, Any]:
+    """Regenerate MODEL_CARD.md from the facts of the last export (no re-evaluation), e.g. after editing notes."""
+    facts = json.loads((run_dir / "export_facts.json").read_text())
+    notes = run_dir / "CARD_NOTES.md"
+    if notes.exists():
+        facts["notes"] = notes.read_text().strip()
+    (out / "MODEL_CARD.md").write_text(model_card(facts))
+    (out / "MODEL_CARD.md").chmod(0o644)
     return facts
 
 
@@ -127,7 +147,7 @@ Weights shipped: EMA.
 
 - steps: **{f["step"]}** (checkpoint `{f["checkpoint"]}`)
 - final training loss (mean of the last logging window): **{f["final_loss"]:.4f}**
-- wall time: **{minutes:.1f} min** on a shared 2-core CPU (torch threads 2, nice 10)
+- wall time: **{minutes:.1f} min** on a shared 2-core CPU (threads and priority: see the commands below)
 
 Reproduce:
 ```
@@ -137,7 +157,7 @@ Reproduce:
 
 ## Prompt adherence
 {adh_text}
-"""
+""" + (f"\n## Notes\n{f['notes']}\n" if f.get("notes") else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,9 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=4)
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--train-prompts", type=int, default=32, help="train-side prompts to score too (0: skip)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--card-only", action="store_true", help="only rewrite MODEL_CARD.md from export_facts.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.card_only:
+        rewrite_card(Path(a.run_dir), Path(a.out))
+        return
     facts = export_run(
         Path(a.run_dir),
         Path(a.out),
@@ -162,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         a.seeds,
         a.cfg,
         a.steps,
+        a.train_prompts,
     )
     sys.stdout.write(json.dumps({k: v for k, v in facts.items() if k != "model_config"}, indent=2) + "\n")
 
