@@ -7,51 +7,11 @@ Public API (see :mod:`segquant_core.api`)::
     save(model, "artifact/") ; load("artifact/", fresh_model)
 """
 
-from segquant_core.api import (
-    ArtifactError,
-    CalibrationSet,
-    LayerPlan,
-    Plan,
-    QuantizationResult,
-    Recipe,
-    Segments,
-    capture_calibration,
-    denoiser_of,
-    detect,
-    load,
-    load_into_pipeline,
-    quantize,
-    quantize_pipeline,
-    read_manifest,
-    recipe,
-    recipe_names,
-    save,
-)
+from segquant_core import api
+from segquant_core.api import *  # noqa: F403 - the public surface is api.__all__
 from segquant_core.backends import assign_backends, backend_names
 from segquant_core.seglinear import SegLinear
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ArtifactError",
-    "CalibrationSet",
-    "LayerPlan",
-    "Plan",
-    "QuantizationResult",
-    "Recipe",
-    "SegLinear",
-    "Segments",
-    "assign_backends",
-    "backend_names",
-    "capture_calibration",
-    "denoiser_of",
-    "detect",
-    "load",
-    "load_into_pipeline",
-    "quantize",
-    "quantize_pipeline",
-    "read_manifest",
-    "recipe",
-    "recipe_names",
-    "save",
-]
+__all__ = [*api.__all__, "SegLinear", "assign_backends", "backend_names"]

@@ -21,7 +21,6 @@ from segquant_core.calibrate.smooth import smoothing_vector
 from segquant_core.detect.plan import Segments
 from segquant_core.quantizers import (
     ActivationSpec,
-    Granularity,
     QuantizedWeight,
     activation_scales,
     encode_weight,
@@ -166,4 +165,4 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
     return layer, LayerReport(name, reports, rank, capped)
 
 
-__all__ = ["Granularity", "LayerReport", "SegmentReport", "build_seglinear"]
+__all__ = ["LayerReport", "SegmentReport", "build_seglinear"]

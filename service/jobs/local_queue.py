@@ -26,6 +26,7 @@ from service.jobs.queue import (
     StatsRecord,
     Submission,
     WorkerInfo,
+    expire_if_late,
 )
 from service.registry import VariantKey
 
@@ -130,11 +131,7 @@ class LocalQueue:
         return job.model_copy(deep=True), outcome
 
     async def expire_if_late(self, job: Job, now: float) -> Job:
-        if job.state is JobState.QUEUED and job.deadline_at is not None and now > job.deadline_at:
-            await self.finish(job.id, JobState.EXPIRED, error=JobError(
-                reason="expired", message="its deadline passed before a worker could start it"))
-            return await self.get(job.id) or job
-        return job
+        return await expire_if_late(self, job, now)
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
         seen = int(after) if after and after.isdigit() else 0

@@ -107,6 +107,15 @@ class StatsRecord(BaseModel):
     service_s: float = Field(description="inference time divided over the jobs of its batch")
 
 
+async def expire_if_late(queue: JobQueue, job: Job, now: float) -> Job:
+    """Mark a still-queued job whose deadline has passed as expired (shared by every queue implementation)."""
+    if job.state is JobState.QUEUED and job.deadline_at is not None and now > job.deadline_at:
+        await queue.finish(job.id, JobState.EXPIRED, error=JobError(
+            reason="expired", message="its deadline passed before a worker could start it"))
+        return await queue.get(job.id) or job
+    return job
+
+
 class JobQueue(Protocol):
     """API side."""
 

@@ -34,6 +34,7 @@ from service.jobs.queue import (
     StatsRecord,
     Submission,
     WorkerInfo,
+    expire_if_late,
 )
 from service.registry import VariantKey
 
@@ -138,11 +139,7 @@ class RedisQueue:
         return await self.get(job_id), out[0]
 
     async def expire_if_late(self, job: Job, now: float) -> Job:
-        if job.state is JobState.QUEUED and job.deadline_at is not None and now > job.deadline_at:
-            await self.finish(job.id, JobState.EXPIRED, error=JobError(
-                reason="expired", message="its deadline passed before a worker could start it"))
-            return await self.get(job.id) or job
-        return job
+        return await expire_if_late(self, job, now)
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
         last = after or "0-0"
