@@ -80,6 +80,8 @@ def export_run(
     notes = run_dir / "CARD_NOTES.md"  # optional hand-written observations, appended to the card
     if notes.exists():
         facts["notes"] = notes.read_text().strip()
+    training = {"step": state["step"], "train_seconds": state.get("train_seconds"), "loss": state.get("loss")}
+    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")  # read by train --init-from
     (out / "MODEL_CARD.md").write_text(model_card(facts))
     (out / "MODEL_CARD.md").chmod(0o644)
     (run_dir / "export_facts.json").write_text(json.dumps(facts, indent=2))

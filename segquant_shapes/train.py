@@ -88,6 +88,7 @@ def train_step(
     step: int,
     cfg: TrainConfig,
     gen: torch.Generator,
+    warm_from: int = 0,
 ) -> float:
     """One optimisation step on uint8 images [B,H,W,3] and their (fp32) text embeddings."""
     x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -95,7 +96,7 @@ def train_step(
     states = states * keep.view(-1, 1, 1)
     pooled = pooled * keep.view(-1, 1)
     for g in opt.param_groups:
-        g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        g["lr"] = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
     loss = flow_loss(model, x0, states, pooled, gen, cfg.bf16)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -107,6 +108,23 @@ def train_step(
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def init_from_pipeline(path: Path, kind: str, model: torch.nn.Module, ema: torch.nn.Module) -> tuple[int, float]:
+    """Warm-start model and EMA from an exported pipeline dir; returns its (step, train seconds) if recorded.
+
+    Lets a shipped model keep training after its run directory (optimizer state included) is gone.
+    """
+    sub = path / ("transformer" if kind == "mmdit" else "unet")
+    weights = sub / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--init-from: no {weights.relative_to(path)} under {path}")
+    state = load_file(str(weights))
+    model.load_state_dict(state)
+    ema.load_state_dict(state)
+    facts_path = path / "training.json"
+    facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
+    return int(facts.get("step", 0)), float(facts.get("train_seconds", 0.0))
 
 
 def _text_table(bank: CaptionBank, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +177,13 @@ def run(args: argparse.Namespace) -> Path:
     opt = make_optimizer(model, cfg.lr)
     n_params = sum(p.numel() for p in model.parameters())
     step, train_seconds, last_loss = 0, 0.0, float("nan")
+    warm_from = 0  # LR warmup restarts whenever the optimizer state is fresh
     ckpt = latest_checkpoint(run_dir) if args.resume else None
+    if ckpt is None and args.init_from:
+        step, train_seconds = init_from_pipeline(Path(args.init_from), cfg.model, model, ema)
+        step, train_seconds = args.init_step or step, args.init_seconds or train_seconds
+        warm_from = step
+        log.info("initialised weights from %s (continuing at step %d, fresh optimizer)", args.init_from, step)
     if ckpt is not None:
         st = load_checkpoint(ckpt, model, ema, opt)
         step, train_seconds = int(st["step"]), float(st.get("train_seconds", 0.0))
@@ -189,7 +213,9 @@ def run(args: argparse.Namespace) -> Path:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         images, idx = bank.sample(rng, cfg.batch, cfg.multi_share)
         idx_t = torch.from_numpy(idx)
-        loss = train_step(model, opt, ema, images, states_all[idx_t].float(), pooled_all[idx_t].float(), step, cfg, gen)
+        loss = train_step(
+            model, opt, ema, images, states_all[idx_t].float(), pooled_all[idx_t].float(), step, cfg, gen, warm_from
+        )
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}")
         window.append(loss)
@@ -231,6 +257,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", default="", help="start from an exported pipeline dir's weights (new run only)")
+    p.add_argument("--init-step", type=int, default=0, help="step count of the --init-from weights (for the card)")
+    p.add_argument("--init-seconds", type=float, default=0.0, help="training seconds already in --init-from")
     return p.parse_args(argv)
 
 

@@ -1,23 +1,29 @@
-"""CPU int8 backend: oneDNN's prepacked quantized linear or ``torch._int_mm``, whichever is faster per shape.
+"""CPU int8 backend: three integer GEMM kernels, picked per call by a deterministic shape rule.
 
-oneDNN runs its fast u8×s8 VNNI kernels when activations are *unsigned* with a zero point; our symmetric
-int8 codes are shifted by 128 into uint8 (zero point 128), which is exact, and per-output-column weight scales
-(per-segment scales folded into one vector), the activation scale and the bias are applied in the same call.
-The same op with *signed* activations falls back to a reference loop ~1000× slower, hence the shift.
+- **oneDNN** prepacked quantized linear: our symmetric int8 codes are shifted by 128 into uint8 (zero point
+  128, exact), because oneDNN runs its fast u8×s8 VNNI kernels only for unsigned activations (the same op
+  with signed activations falls back to a loop ~1000× slower). Per-output-column weight scales, the
+  activation scale and the bias are applied in the same call. Fastest at moderate M and K.
+- ``torch._int_mm`` (s8×s8 → s32, then a scaling pass): faster at K ≥ 4096 and at M ≥ 2048 (measured,
+  ENVIRONMENT.md).
+- **fbgemm** (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) for small M, e.g. the AdaLN
+  modulation (M = batch): it is fed our codes as floats with scale 1 and zero point 128, so it requantizes
+  them exactly, and its weight-streaming GEMV-like kernel has far less per-call overhead than oneDNN's
+  there (0.3 ms vs 0.5 ms at 4×1536×9216). Its packed weight is made lazily, only for groups that see a
+  small M, so large layers do not carry a second copy.
 
-Neither kernel wins everywhere on this class of CPU: prepacked oneDNN is faster at 1024×1536×{1536, 6144},
-``_int_mm`` (s8×s8 → s32, then a scaling pass) at K ≥ 4096 and at M ≥ 2048 (measured, ENVIRONMENT.md). The
-default picks by that shape rule, which is deterministic: the same artifact gives bit-identical outputs in
-every process. ``SEGQUANT_CPU_GEMM=autotune`` instead times both once per power-of-two bucket of M on the
-real input and keeps the faster (fastest, but the choice — and so the last bits — can differ between runs);
-``onednn`` or ``int_mm`` forces one. int4 weights are unpacked to int8 for the GEMM (no faster CPU int4 path at these
-shapes); small M is fine for both kernels.
+The rule is deterministic, so the same artifact gives bit-identical outputs in every process.
+``SEGQUANT_CPU_GEMM=autotune`` instead times the kernels once per power-of-two bucket of M on the real
+input and keeps the fastest (the choice, and so the last bits, can then differ between runs); ``onednn``,
+``int_mm`` or ``fbgemm`` forces one. int4 weights are unpacked to int8 for the GEMM (no faster CPU int4
+path at these shapes).
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +46,26 @@ class CpuPacked:
     w_t: torch.Tensor  # int8 [K, N] (column-major view of [N, K]) for torch._int_mm
     zero_points: torch.Tensor
     choice: dict[int, str] = field(default_factory=dict)
+    fbgemm: Any = None  # fbgemm packed weight (with the column scales), made on first small-M call
+
+# Rows of x (before DualScale stacking) up to which the fbgemm kernel is used. Measured on the 2-core
+# AVX-512 VNNI machine: fbgemm wins clearly at M ≤ 16 and loses to oneDNN from M ≈ 64 on.
+SMALL_M = 32
+_FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
+
+
+def fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, _FBGEMM_OP)
+
+
+def _fbgemm_pack(group: GemmGroup) -> Any:
+    """Per-channel qint8 weight (codes + column scales) prepacked for fbgemm; no bias (added after)."""
+    n = group.codes.shape[0]
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch but still the way to pack
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(group.codes.contiguous(), group.w_scale.double(),
+                                                      torch.zeros(n, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None)
 
 
 class OneDNNInt8Backend(GroupedGemmBackend):
@@ -69,16 +95,20 @@ class OneDNNInt8Backend(GroupedGemmBackend):
 
     def _choose(self, packed: CpuPacked, x: torch.Tensor, act: ActivationSpec, group: GemmGroup) -> str:
         mode = os.environ.get("SEGQUANT_CPU_GEMM", "rule")
-        if mode in ("onednn", "int_mm"):
+        if mode == "fbgemm" and not fbgemm_available():
+            raise RuntimeError("SEGQUANT_CPU_GEMM=fbgemm, but this torch build has no fbgemm quantized linear")
+        if mode in ("onednn", "int_mm", "fbgemm"):
             return mode
         if mode != "autotune":
+            if x.shape[0] <= SMALL_M and fbgemm_available():
+                return "fbgemm"
             return "int_mm" if (group.codes.shape[1] >= 4096 or x.shape[0] >= 2048) else "onednn"
         bucket = max(1, x.shape[0]).bit_length()
         choice = packed.choice.get(bucket)
         if choice is None:
             timings = {}
-            for kind in ("onednn", "int_mm"):
-                rows, scale = encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn")
+            for kind in ("onednn", "int_mm", "fbgemm") if fbgemm_available() else ("onednn", "int_mm"):
+                rows, scale = self._encode_for(kind, x, act, group)
                 best = float("inf")
                 for _ in range(2):
                     t0 = time.perf_counter()
@@ -92,7 +122,14 @@ class OneDNNInt8Backend(GroupedGemmBackend):
     def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
                packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
         kind = self._choose(packed, x, act, group) if packed is not None else "onednn"
-        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn")
+        return self._encode_for(kind, x, act, group)
+
+    @staticmethod
+    def _encode_for(kind: str, x: torch.Tensor, act: ActivationSpec,
+                    group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+        """Codes in the form each kernel takes: uint8 (+128) for oneDNN, int8 for _int_mm, fp32 for fbgemm."""
+        rows, scale = encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn")
+        return (rows.float(), scale) if kind == "fbgemm" else (rows, scale)
 
     def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
              bias: torch.Tensor | None) -> torch.Tensor:
@@ -102,6 +139,11 @@ class OneDNNInt8Backend(GroupedGemmBackend):
     def _gemm(packed: CpuPacked, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
               bias: torch.Tensor | None) -> torch.Tensor:
         scalar = isinstance(row_scale, float)
+        if codes.dtype == torch.float32:  # fbgemm: exact integer codes as floats, requantized with scale 1
+            if packed.fbgemm is None:
+                packed.fbgemm = _fbgemm_pack(group)
+            y = getattr(torch.ops.quantized, _FBGEMM_OP)(codes, 1.0, 128, packed.fbgemm).mul_(row_scale)
+            return y.add_(bias) if bias is not None else y
         if codes.dtype == torch.uint8:  # oneDNN: codes were shifted by +128 in encode()
             y = torch.ops.onednn.qlinear_pointwise(
                 codes, row_scale if scalar else 1.0, 128, packed.onednn, group.w_scale, packed.zero_points, bias,

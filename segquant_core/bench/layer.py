@@ -89,6 +89,24 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm())
 
 
+def segquant_variants(shape: LayerShape, include_fp8: bool = False) -> list[tuple[str, Recipe, Segments | None, bool]]:
+    """``(row label, recipe, segments, dual)`` of the SegQuant layers benchmarked at ``shape``."""
+    # The recipe's seg/dual switches must be on for the plan's segments / dual flag to take effect.
+    variants: list[tuple[str, Recipe, Segments | None, bool]] = [
+        ("segquant w8a8", recipe("w8a8"), None, False),
+        ("segquant w8a8 dual", recipe("w8a8", dual=True), None, True),
+    ]
+    if shape.segments is not None:
+        variants.append((f"segquant w8a8 seg({shape.segments.axis}×{shape.segments.count})",
+                         recipe("w8a8", seg=True), shape.segments, False))
+        if shape.gelu_input:
+            variants.append(("segquant w8a8 seg+dual", recipe("w8a8", seg=True, dual=True), shape.segments, True))
+    variants.append(("segquant w4a8 (int4 w, dyn a)", recipe("w4a8-segquant", smooth=False, gptq=False), None, False))
+    if include_fp8:
+        variants.append(("segquant fp8", recipe("fp8-segquant"), None, False))
+    return variants
+
+
 def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_fp8: bool = False,
                    include_reference: bool = False, seed: int = 0) -> tuple[dict[str, Callable[[], object]],
                                                                             dict[str, float], dict[str, int]]:
@@ -117,18 +135,7 @@ def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_f
         ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, torch.qint8)
     fns["torch.ao int8 dynamic"] = lambda: ao(x32)
     nbytes["torch.ao int8 dynamic"] = shape.k * shape.n + shape.n * 4
-    variants: list[tuple[str, Recipe, Segments | None, bool]] = [
-        ("segquant w8a8", recipe("w8a8"), None, False),
-        ("segquant w8a8 dual", recipe("w8a8"), None, True),
-    ]
-    if shape.segments is not None:
-        variants.append((f"segquant w8a8 seg({shape.segments.axis}×{shape.segments.count})", recipe("w8a8"),
-                         shape.segments, False))
-        if shape.gelu_input:
-            variants.append(("segquant w8a8 seg+dual", recipe("w8a8"), shape.segments, True))
-    variants.append(("segquant w4a8 (int4 w, dyn a)", recipe("w4a8-segquant", smooth=False, gptq=False), None, False))
-    if include_fp8:
-        variants.append(("segquant fp8", recipe("fp8-segquant"), None, False))
+    variants = segquant_variants(shape, include_fp8)
     built: dict[str, nn.Module] = {}
     for name, r, seg, dual in variants:
         built[name] = build_segquant(lin, r, seg, dual, calib)

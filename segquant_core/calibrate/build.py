@@ -2,8 +2,9 @@
 
 Per segment: for each candidate α (one when smoothing is off) build the smoothing vector, split off the
 low-rank branch, round the weight (RTN), derive the activation scale from the channel statistics, and
-score the segment output against the float output on the cached rows. The best α wins; the final
-weight is then rounded by RTN or GPTQ. The float layer is only read, never modified.
+score the segment output against the float output on the cached rows. The best α wins, chosen per
+segment or shared by the whole layer (``alpha_scope``); the final weight is then rounded by RTN or GPTQ.
+The float layer is only read, never modified.
 """
 
 from __future__ import annotations
@@ -66,61 +67,92 @@ def _static_act_scale(act: ActivationSpec, pos: torch.Tensor, neg: torch.Tensor,
     return activation_scales(act, torch.maximum(pos, neg).amax().reshape(1), None).reshape(-1)
 
 
-def _build_segment(w: torch.Tensor, x_rows: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                   fit: tuple[torch.Tensor, torch.Tensor], spec: LayerSpec, rank: int,
-                   hessian: torch.Tensor | None) -> _SegmentResult:
-    """Search α on ``x_rows`` with scales from the ``fit`` maxima, then finalise with all-data maxima.
+@dataclass
+class _SegmentInputs:
+    """Everything the α search and the final rounding of one segment read."""
 
-    Both the smoothing vector and the activation scale of a candidate come from the ``fit`` maxima only:
-    ``x_rows`` are held-out rows, and a smoothing vector built from maxima that include them would
-    normalise every channel to exactly the held-out range (α → 1 would then never clip while scoring).
-    """
-    act = spec.activation
-    target = x_rows @ w.t() if x_rows.numel() else None
-    w_absmax = w.abs().amax(dim=0)
-    x_absmax = torch.maximum(pos, neg)
-    fit_absmax = torch.maximum(fit[0], fit[1])
-    grid = spec.alpha_grid if spec.smooth else (None,)
+    w: torch.Tensor
+    x_rows: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+    fit: tuple[torch.Tensor, torch.Tensor]
+    hessian: torch.Tensor | None
 
-    def candidate(alpha: float | None, xmax: torch.Tensor):
-        s = smoothing_vector(xmax, w_absmax, alpha) if alpha is not None else None
-        ws = w * s if s is not None else w
+    def candidate(self, spec: LayerSpec, alpha: float | None, xmax: torch.Tensor, rank: int):
+        """Smoothing vector, smoothed weight, its RTN rounding and the low-rank branch for one α."""
+        s = smoothing_vector(xmax, self.w.abs().amax(dim=0), alpha) if alpha is not None else None
+        ws = self.w * s if s is not None else self.w
         lr = None
         if rank:
             down, up, ws = lowrank_split(ws, rank)
             lr = (down, up)
         return s, ws, encode_weight(ws, spec.weight), lr
 
-    best: tuple[float, float | None] | None = None
-    report = SegmentReport(alpha=None)
+
+def _score_alphas(seg: _SegmentInputs, spec: LayerSpec, rank: int) -> dict[float | None, float]:
+    """Output MSE of every α candidate on the held-out rows, with scales from the ``fit`` maxima only.
+
+    ``x_rows`` are held-out rows, and a smoothing vector built from maxima that include them would
+    normalise every channel to exactly the held-out range (α → 1 would then never clip while scoring).
+    NaN means there was nothing to score (no rows, or a single candidate).
+    """
+    act = spec.activation
+    grid = spec.alpha_grid if spec.smooth else (None,)
+    if not seg.x_rows.numel() or len(grid) == 1:
+        return {a: float("nan") for a in grid}
+    target = seg.x_rows @ seg.w.t()
+    fit_absmax = torch.maximum(seg.fit[0], seg.fit[1])
+    errors: dict[float | None, float] = {}
     for alpha in grid:
-        if target is None or len(grid) == 1:
-            err = float("nan")
-        else:
-            s, _, qw, lr = candidate(alpha, fit_absmax)
-            act_scale = _static_act_scale(act, fit[0], fit[1], s) if act is not None else None
-            xs = x_rows / s if s is not None else x_rows
-            xq = fake_quantize_activation(xs, act, act_scale) if act is not None else xs
-            y = xq @ qw.dequantize().t()
-            if lr is not None:
-                y = y + (xs @ lr[0]) @ lr[1]
-            err = float(torch.mean((y - target) ** 2))
-        if alpha is not None:
-            report.errors[float(alpha)] = err
-        key = err if err == err else 0.0  # NaN (nothing to score) keeps the first candidate
-        if best is None or key < best[0]:
-            best = (key, alpha)
-    assert best is not None
-    alpha = best[1]
-    s, ws, qw, lr = candidate(alpha, x_absmax)
-    act_scale = _static_act_scale(act, pos, neg, s) if act is not None else None
-    report.alpha = None if alpha is None else float(alpha)
-    if spec.gptq and hessian is not None:
-        h = hessian / torch.outer(s, s).double() if s is not None else hessian
+        s, _, qw, lr = seg.candidate(spec, alpha, fit_absmax, rank)
+        act_scale = _static_act_scale(act, seg.fit[0], seg.fit[1], s) if act is not None else None
+        xs = seg.x_rows / s if s is not None else seg.x_rows
+        xq = fake_quantize_activation(xs, act, act_scale) if act is not None else xs
+        y = xq @ qw.dequantize().t()
+        if lr is not None:
+            y = y + (xs @ lr[0]) @ lr[1]
+        errors[alpha] = float(torch.mean((y - target) ** 2))
+    return errors
+
+
+def _best_alpha(errors: dict[float | None, float]) -> float | None:
+    """Lowest error wins; with nothing scored (all NaN) the first candidate is kept."""
+    scored = {a: e for a, e in errors.items() if e == e}
+    if not scored:
+        return next(iter(errors))
+    return min(scored, key=scored.__getitem__)
+
+
+def _finalise_segment(seg: _SegmentInputs, spec: LayerSpec, rank: int, alpha: float | None,
+                      errors: dict[float | None, float]) -> _SegmentResult:
+    """Build the chosen α with all-data maxima, then round the weight by RTN or GPTQ."""
+    act = spec.activation
+    s, ws, qw, lr = seg.candidate(spec, alpha, torch.maximum(seg.pos, seg.neg), rank)
+    act_scale = _static_act_scale(act, seg.pos, seg.neg, s) if act is not None else None
+    report = SegmentReport(alpha=None if alpha is None else float(alpha),
+                           errors={float(a): e for a, e in errors.items() if a is not None})
+    if spec.gptq and seg.hessian is not None:
+        h = seg.hessian / torch.outer(s, s).double() if s is not None else seg.hessian
         qw, info = gptq_quantize(ws, h, spec.weight)
         report.gptq = {"damping": info.damping, "attempts": info.attempts,
                        "fell_back_to_rtn": info.fell_back_to_rtn, "dead_columns": info.dead_columns}
     return _SegmentResult(qw, s, act_scale, lr, report)
+
+
+def _choose_alphas(per_segment: list[dict[float | None, float]], sizes: tuple[int, ...],
+                   scope: str) -> list[float | None]:
+    """One α per segment (``segment``), or the α with the lowest summed output error for all (``layer``).
+
+    The shared choice weighs each segment's MSE by its number of output elements, so it minimises the
+    error of the whole layer output; it is steadier when some segments have few or uninformative rows.
+    """
+    if scope == "segment" or len(per_segment) == 1:
+        return [_best_alpha(e) for e in per_segment]
+    total: dict[float | None, float] = {}
+    for errors, n in zip(per_segment, sizes):
+        for a, e in errors.items():
+            total[a] = total.get(a, 0.0) + e * n
+    return [_best_alpha(total)] * len(per_segment)
 
 
 def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputStats) -> tuple[SegLinear, LayerReport]:
@@ -140,16 +172,19 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
     # A layer reached only by held-out (odd-numbered) calls has no fit maxima: fit on everything it saw.
     fit_pos = stats.fit_pos_max if stats.fit_pos_max is not None else stats.pos_max
     fit_neg = stats.fit_neg_max if stats.fit_neg_max is not None else stats.neg_max
-    for seg, (a, b) in zip(layer.segs, segments.bounds()):
+    inputs: list[_SegmentInputs] = []
+    for a, b in segments.bounds():
+        want_h = spec.gptq and stats.hessians is not None
         if segments.axis == "out":
-            wk, xk, pos, neg = w[a:b], rows, stats.pos_max, stats.neg_max
-            fit = (fit_pos, fit_neg)
-            hess = stats.hessian(0, k_in) if (spec.gptq and stats.hessians is not None) else None
+            inputs.append(_SegmentInputs(w[a:b], rows, stats.pos_max, stats.neg_max, (fit_pos, fit_neg),
+                                         stats.hessian(0, k_in) if want_h else None))
         else:
-            wk, xk, pos, neg = w[:, a:b], rows[:, a:b], stats.pos_max[a:b], stats.neg_max[a:b]
-            fit = (fit_pos[a:b], fit_neg[a:b])
-            hess = stats.hessian(a, b) if (spec.gptq and stats.hessians is not None) else None
-        res = _build_segment(wk, xk, pos, neg, fit, spec, rank, hess)
+            inputs.append(_SegmentInputs(w[:, a:b], rows[:, a:b], stats.pos_max[a:b], stats.neg_max[a:b],
+                                         (fit_pos[a:b], fit_neg[a:b]), stats.hessian(a, b) if want_h else None))
+    errors = [_score_alphas(seg_in, spec, rank) for seg_in in inputs]
+    alphas = _choose_alphas(errors, segments.sizes, spec.alpha_scope)
+    for seg, seg_in, alpha, errs in zip(layer.segs, inputs, alphas, errors):
+        res = _finalise_segment(seg_in, spec, rank, alpha, errs)
         seg.weight = res.weight.data
         seg.weight_scale = res.weight.scale
         if res.smooth is not None:

@@ -252,3 +252,28 @@ def test_item09_all_positive_layer_input_dual_equals_single(act):
             assert torch.equal(ys[True], ys[False])
         else:
             assert rel_err(ys[True], ys[False]) < 1e-6, name
+
+
+# The CPU int8 backend's three kernels (oneDNN, _int_mm, fbgemm) compute the same integer GEMM ----------------------
+@pytest.mark.parametrize("dual", [False, True])
+@pytest.mark.parametrize("rows", [2, 48])
+def test_cpu_int8_kernels_agree_and_the_rule_is_deterministic(monkeypatch, dual, rows):
+    from segquant_core.backends import cpu_onednn
+
+    if not cpu_onednn.fbgemm_available():
+        pytest.skip("no fbgemm in this torch build")
+    m = quantized_toy("int8", "static-tensor", dual=dual, smooth=True, lowrank=0, backend="cpu-onednn-int8")
+    x = torch.randn(rows, m.d, generator=gen(3)) * 2
+    outs = {}
+    for kernel in ("fbgemm", "onednn", "int_mm"):
+        monkeypatch.setenv("SEGQUANT_CPU_GEMM", kernel)
+        m.ff.set_backend(get_backend("cpu-onednn-int8"))  # fresh packing per kernel
+        outs[kernel] = m.ff(x)
+    # fbgemm and _int_mm both scale the exact int32 sums by the same fp32 factors: identical outputs
+    assert torch.equal(outs["fbgemm"], outs["int_mm"])
+    assert rel_err(outs["onednn"], outs["int_mm"]) < 1e-6
+    # the default rule: fbgemm for small M, else oneDNN at these sizes
+    monkeypatch.setenv("SEGQUANT_CPU_GEMM", "rule")
+    m.ff.set_backend(get_backend("cpu-onednn-int8"))
+    expect = "fbgemm" if rows <= cpu_onednn.SMALL_M else "onednn"
+    assert torch.equal(m.ff(x), outs[expect])

@@ -173,3 +173,34 @@ def test_alpha_search_scores_on_held_out_data_without_leaking_it():
     e0, e1 = err((0.0,)), err((1.0,))
     assert searched <= 1.3 * min(e0, e1), (searched, e0, e1)
     assert searched < 0.5 * e1, (searched, e1)
+
+
+def test_layer_alpha_scope_shares_the_alpha_that_minimises_the_summed_error():
+    grid = (0.0, 0.25, 0.5, 0.75, 1.0)
+    per_segment, _, _ = _search(grid)
+    shared, _, _ = _search(grid, alpha_scope="layer")
+    # the per-segment errors are the same measurements either way; only the choice differs
+    assert [s.errors for s in shared.segments] == [s.errors for s in per_segment.segments]
+    alphas = {s.alpha for s in shared.segments}
+    assert len(alphas) == 1
+    sizes = [32] * 6  # AdaLNToy: six equal chunks of d = 32
+    total = {a: sum(s.errors[a] * n for s, n in zip(shared.segments, sizes)) for a in grid}
+    assert alphas == {min(total, key=total.get)}
+
+
+def test_choose_alphas_weighs_segments_by_size():
+    from segquant_core.calibrate.build import _choose_alphas
+
+    errors = [{0.0: 1.0, 0.5: 2.0}, {0.0: 3.0, 0.5: 1.0}]
+    assert _choose_alphas(errors, (10, 10), "segment") == [0.0, 0.5]
+    assert _choose_alphas(errors, (10, 10), "layer") == [0.5, 0.5]  # totals 40 vs 30
+    assert _choose_alphas(errors, (100, 10), "layer") == [0.0, 0.0]  # totals 130 vs 210
+    nan = float("nan")
+    assert _choose_alphas([{0.0: nan, 0.5: nan}] * 2, (4, 4), "layer") == [0.0, 0.0]  # nothing scored: first
+
+
+def test_alpha_scope_switch_parses_and_rejects_unknown_values():
+    assert recipe("w8a8-segquant:alpha_scope=layer").alpha_scope == "layer"
+    assert recipe("w8a8-segquant").alpha_scope == "segment"
+    with pytest.raises(ValueError, match="alpha_scope"):
+        recipe("w8a8-segquant:alpha_scope=block")

@@ -1,0 +1,52 @@
+"""segquant_core.bench: the benchmark builds what its rows say, alternates candidates, and reports ratios."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segquant_core import SegLinear
+from segquant_core.bench.layer import LayerShape, build_segquant, run_layer_bench, segquant_variants
+from segquant_core.bench.timing import alternate
+from segquant_core.detect.plan import Segments
+
+TINY_ADALN = LayerShape("adaln 2×32×192", 2, 32, 192, Segments("out", (32,) * 6), gelu_input=True)
+TINY_QKV = LayerShape("qkv 16×32×32", 16, 32, 32, Segments("in", (8,) * 4))
+
+
+def _calib(shape: LayerShape) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.nn.functional.gelu(torch.randn(shape.m, shape.k, generator=g)) for _ in range(2)]
+
+
+def test_every_variant_builds_the_layer_its_label_names():
+    # Regression: the dual and seg rows once used a recipe with seg/dual off, so they silently measured the
+    # plain layer.
+    for shape in (TINY_ADALN, TINY_QKV):
+        lin = nn.Linear(shape.k, shape.n)
+        for label, r, segments, dual in segquant_variants(shape):
+            layer = build_segquant(lin, r, segments, dual, _calib(shape))
+            assert isinstance(layer, SegLinear), label
+            assert layer.cfg.activation.dual is ("dual" in label), label
+            expect_segments = segments.count if "seg(" in label or "seg+" in label else 1
+            assert len(layer.segs) == expect_segments, label
+
+
+def test_alternate_interleaves_candidates_and_takes_medians():
+    calls: list[str] = []
+    t = alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # warm-up round, then A B A B A B
+    assert set(t) == {"a", "b"} and all(len(v.samples) == 3 and v.median_s >= 0 for v in t.values())
+
+
+def test_layer_bench_rows_report_ratios_errors_and_bytes():
+    rows = run_layer_bench([TINY_ADALN], rounds=2, include_compile=False)
+    by_name = {r["candidate"]: r for r in rows}
+    assert {"fp32", "bf16", "torch.ao int8 dynamic", "segquant w8a8", "segquant w8a8 dual"} <= set(by_name)
+    assert by_name["bf16"]["vs_bf16"] == 1.0 and by_name["fp32"]["vs_fp32"] == 1.0
+    assert by_name["fp32"]["rel_err"] == 0.0
+    for name, row in by_name.items():
+        assert row["median_ms"] > 0 and row["rounds"] == 2, name
+        if name.startswith("segquant w8a8"):
+            assert 0 < row["rel_err"] < 0.05, (name, row["rel_err"])  # int8: small but nonzero error
+            assert row["weight_bytes"] < by_name["bf16"]["weight_bytes"] * 0.6
