@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from segquant_shapes.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -62,3 +63,24 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_ema_decay_warm_start() -> None:
     assert ema_decay(0, 0.999) == 0.1
     assert ema_decay(10**6, 0.999) == 0.999
+
+
+def test_init_from_an_exported_pipeline_continues_its_weights_and_step(tmp_path: Path) -> None:
+    import json
+
+    from segquant_shapes.pipelines import make_pipeline
+    from segquant_shapes.train import init_from_pipeline
+
+    trained, _, _ = _setup("mmdit")
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)  # differs from a fresh build
+    make_pipeline(trained.eval()).save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    (tmp_path / "pipe" / "training.json").write_text(json.dumps({"step": 123, "train_seconds": 45.0}))
+    model, ema, _ = _setup("mmdit")
+    step, seconds = init_from_pipeline(tmp_path / "pipe", "mmdit", model, ema)
+    assert (step, seconds) == (123, 45.0)
+    for a, b, c in zip(trained.state_dict().values(), model.state_dict().values(), ema.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    with pytest.raises(FileNotFoundError, match="unet"):
+        init_from_pipeline(tmp_path / "pipe", "unet", *_setup("unet")[:2])
