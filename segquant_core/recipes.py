@@ -28,8 +28,8 @@ from segquant_core.quantizers import ActivationSpec, Granularity, WeightSpec
 
 RECIPE_VERSION = 1
 DEFAULT_ALPHA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
-_SWITCHES = ("seg", "dual", "smooth", "gptq", "lowrank", "alpha", "search", "alpha_scope")
-ALPHA_SCOPES = ("segment", "layer")
+_SWITCHES = ("seg", "dual", "smooth", "gptq", "lowrank", "alpha", "search", "smooth_scope")
+SMOOTH_SCOPES = ("segment", "layer")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class LayerSpec:
     alpha_grid: tuple[float, ...]
     gptq: bool
     lowrank: int
-    alpha_scope: str = "segment"
+    smooth_scope: str = "segment"
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,9 @@ class Recipe:
     alpha: float = 0.5
     search: bool = True  # search α over alpha_grid (else use ``alpha``)
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
-    alpha_scope: str = "segment"  # "segment": α searched per segment; "layer": one α for the whole layer
+    # "segment": each segment gets its own smoothing vector and α (the reference's behaviour);
+    # "layer": one α and one smoothing vector per layer, segments keep their own quantization scales.
+    smooth_scope: str = "segment"
     seg: bool = False
     dual: bool = False
     gptq: bool = False
@@ -99,8 +101,8 @@ class Recipe:
             raise ValueError("lowrank must be ≥ 0")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
-        if self.alpha_scope not in ALPHA_SCOPES:
-            raise ValueError(f"alpha_scope must be one of {', '.join(ALPHA_SCOPES)}, got {self.alpha_scope!r}")
+        if self.smooth_scope not in SMOOTH_SCOPES:
+            raise ValueError(f"smooth_scope must be one of {', '.join(SMOOTH_SCOPES)}, got {self.smooth_scope!r}")
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"alpha_grid values must lie in [0, 1], got {list(self.alpha_grid)}")
         if self.weight is not None:  # validate the specs eagerly for a readable error
@@ -141,7 +143,7 @@ class Recipe:
         segments = plan.segments if (r.seg and plan is not None) else None
         grid = tuple(r.alpha_grid) if r.search else (float(r.alpha),)
         return LayerSpec(r._weight_spec(), r._activation_spec(dual), segments, r.smooth, grid, r.gptq, r.lowrank,
-                         r.alpha_scope)
+                         r.smooth_scope)
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -190,9 +192,9 @@ def _parse_switch(key: str, value: str) -> tuple[str, Any]:
         if not v.isdigit():
             raise ValueError(f"lowrank expects a rank (integer ≥ 0), got {value!r}")
         return key, int(v)
-    if key == "alpha_scope":
-        if v not in ALPHA_SCOPES:
-            raise ValueError(f"alpha_scope expects one of {', '.join(ALPHA_SCOPES)}, got {value!r}")
+    if key == "smooth_scope":
+        if v not in SMOOTH_SCOPES:
+            raise ValueError(f"smooth_scope expects one of {', '.join(SMOOTH_SCOPES)}, got {value!r}")
         return key, v
     if key == "alpha":
         try:

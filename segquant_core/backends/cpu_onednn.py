@@ -128,8 +128,8 @@ class OneDNNInt8Backend(GroupedGemmBackend):
     def _encode_for(kind: str, x: torch.Tensor, act: ActivationSpec,
                     group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Codes in the form each kernel takes: uint8 (+128) for oneDNN, int8 for _int_mm, fp32 for fbgemm."""
-        rows, scale = encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn")
-        return (rows.float(), scale) if kind == "fbgemm" else (rows, scale)
+        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn",
+                           as_float=kind == "fbgemm")
 
     def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
              bias: torch.Tensor | None) -> torch.Tensor:

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 def _static_single(x: torch.Tensor, smooth: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     xf = x.float() / smooth
     offset = 128.0 if dtype == torch.uint8 else 0.0
-    return (torch.clamp(torch.round(xf / scale), -128.0, 127.0) + offset).to(dtype)
+    codes = torch.clamp(torch.round(xf / scale), -128.0, 127.0)
+    return (codes + offset if offset else codes).to(dtype)
 
 
 def _static_dual(x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: torch.Tensor,
@@ -41,7 +42,8 @@ def _static_dual(x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: to
     offset = 128.0 if dtype == torch.uint8 else 0.0
     pos = torch.clamp(torch.round(xf.clamp(min=0.0) / sp), 0.0, 127.0)
     neg = torch.clamp(torch.round(xf.clamp(max=0.0) / sn), -128.0, 0.0)
-    return (torch.cat((pos, neg)) + offset).to(dtype)
+    codes = torch.cat((pos, neg))
+    return (codes + offset if offset else codes).to(dtype)
 
 
 def _scale(amax: torch.Tensor, denom: float) -> torch.Tensor:
@@ -51,8 +53,8 @@ def _scale(amax: torch.Tensor, denom: float) -> torch.Tensor:
 def _single_codes(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     offset = 128.0 if dtype == torch.uint8 else 0.0
     scale = _scale(amax, 127.0)
-    codes = torch.clamp(torch.round(xf / scale), -128.0, 127.0) + offset
-    return codes.to(dtype), scale.expand(xf.shape[0], 1)
+    codes = torch.clamp(torch.round(xf / scale), -128.0, 127.0)
+    return (codes + offset if offset else codes).to(dtype), scale.expand(xf.shape[0], 1)
 
 
 def _dual_codes(xp: torch.Tensor, xn: torch.Tensor, ap: torch.Tensor, an: torch.Tensor,
@@ -62,7 +64,8 @@ def _dual_codes(xp: torch.Tensor, xn: torch.Tensor, ap: torch.Tensor, an: torch.
     pos = torch.clamp(torch.round(xp / sp), 0.0, 127.0)
     neg = torch.clamp(torch.round(xn / sn), -128.0, 0.0)
     m = xp.shape[0]
-    return (torch.cat((pos, neg)) + offset).to(dtype), torch.cat((sp.expand(m, 1), sn.expand(m, 1)))
+    codes = torch.cat((pos, neg))
+    return (codes + offset if offset else codes).to(dtype), torch.cat((sp.expand(m, 1), sn.expand(m, 1)))
 
 
 def _token_single(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +114,15 @@ def _kernel(name: str) -> Callable:
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
+# Up to this many input elements the flavours run eagerly: on a few rows (AdaLN's M = batch) the handful of
+# tiny eager ops costs ~20 µs, while entering a compiled region (guards, cache lookup) costs ~70 µs.
+EAGER_MAX_ELEMENTS = 1 << 16
+
+
 def _call(name: str, *args: object) -> object:
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.numel() <= EAGER_MAX_ELEMENTS:
+        return _FLAVOURS[name](*args)
     try:
         return _kernel(name)(*args)
     except Exception as e:  # a missing compiler surfaces at the first call
@@ -129,14 +140,16 @@ def _ones(k: int, device: str) -> torch.Tensor:
 
 
 def encode_rows(x: torch.Tensor, spec: ActivationSpec, static_scales: torch.Tensor | None,
-                smooth: torch.Tensor | None, *, unsigned: bool) -> tuple[torch.Tensor, float | torch.Tensor]:
+                smooth: torch.Tensor | None, *, unsigned: bool,
+                as_float: bool = False) -> tuple[torch.Tensor, float | torch.Tensor]:
     """Int8 activation codes of ``x [M, K]`` as ``[P·M, K]`` rows plus their scale (float or ``[P·M, 1]``).
 
-    ``unsigned=True`` shifts codes by +128 into uint8 (oneDNN's fast u8 path); else int8.
+    ``unsigned=True`` shifts codes by +128 into uint8 (oneDNN's fast u8 path); ``as_float=True`` returns
+    the (integer-valued) codes as fp32, for kernels that take float input; else int8.
     """
     if spec.fmt.value != "int8":
         raise ValueError(f"encode_rows handles int8 activations, not {spec.fmt.value}")
-    dtype = torch.uint8 if unsigned else torch.int8
+    dtype = torch.float32 if as_float else torch.uint8 if unsigned else torch.int8
     if smooth is None:
         smooth = _ones(x.shape[-1], str(x.device))
     if not spec.dynamic:

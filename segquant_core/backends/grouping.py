@@ -1,6 +1,6 @@
 """Turn a SegLinear's segments into the fewest GEMMs that compute it exactly.
 
-Out-segments that see the *same* quantized input (no per-segment smoothing vector, equal static activation
+Out-segments that see the *same* quantized input (equal smoothing vectors or none, equal static activation
 scales, no low-rank branch) collapse into one GEMM: their weight blocks are stacked along N and the
 per-segment weight scales become one per-output-column epilogue vector. Everything else — in-segments,
 and out-segments with their own smoothing — is one GEMM per segment, accumulated (in) or placed (out).
@@ -37,7 +37,9 @@ def _column_scales(seg: QuantSegment, n: int) -> torch.Tensor:
 
 
 def _same_input(a: QuantSegment, b: QuantSegment) -> bool:
-    if a.smooth is not None or b.smooth is not None or a.lowrank_down is not None or b.lowrank_down is not None:
+    if a.lowrank_down is not None or b.lowrank_down is not None:
+        return False
+    if (a.smooth is None) != (b.smooth is None) or (a.smooth is not None and not torch.equal(a.smooth, b.smooth)):
         return False
     if (a.act_scale is None) != (b.act_scale is None):
         return False

@@ -2,9 +2,13 @@
 
 Per segment: for each candidate α (one when smoothing is off) build the smoothing vector, split off the
 low-rank branch, round the weight (RTN), derive the activation scale from the channel statistics, and
-score the segment output against the float output on the cached rows. The best α wins, chosen per
-segment or shared by the whole layer (``alpha_scope``); the final weight is then rounded by RTN or GPTQ.
-The float layer is only read, never modified.
+score the segment output against the float output on the cached rows. The best α wins; the final weight
+is then rounded by RTN or GPTQ. The float layer is only read, never modified.
+
+``smooth_scope="segment"`` gives every segment its own α and smoothing vector (the reference's behaviour).
+``"layer"`` gives the layer one α (lowest summed output error) and one smoothing vector built from the
+whole weight, while each segment keeps its own weight and activation scales. Out-segments then quantize
+the same input and run as one GEMM, and α is chosen on all the layer's output error, not on one chunk's.
 """
 
 from __future__ import annotations
@@ -77,10 +81,11 @@ class _SegmentInputs:
     neg: torch.Tensor
     fit: tuple[torch.Tensor, torch.Tensor]
     hessian: torch.Tensor | None
+    w_absmax: torch.Tensor  # per input channel, of this segment's weight or (layer scope) the whole layer's
 
     def candidate(self, spec: LayerSpec, alpha: float | None, xmax: torch.Tensor, rank: int):
         """Smoothing vector, smoothed weight, its RTN rounding and the low-rank branch for one α."""
-        s = smoothing_vector(xmax, self.w.abs().amax(dim=0), alpha) if alpha is not None else None
+        s = smoothing_vector(xmax, self.w_absmax, alpha) if alpha is not None else None
         ws = self.w * s if s is not None else self.w
         lr = None
         if rank:
@@ -144,7 +149,7 @@ def _choose_alphas(per_segment: list[dict[float | None, float]], sizes: tuple[in
     """One α per segment (``segment``), or the α with the lowest summed output error for all (``layer``).
 
     The shared choice weighs each segment's MSE by its number of output elements, so it minimises the
-    error of the whole layer output; it is steadier when some segments have few or uninformative rows.
+    error of the whole layer output.
     """
     if scope == "segment" or len(per_segment) == 1:
         return [_best_alpha(e) for e in per_segment]
@@ -173,16 +178,21 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
     fit_pos = stats.fit_pos_max if stats.fit_pos_max is not None else stats.pos_max
     fit_neg = stats.fit_neg_max if stats.fit_neg_max is not None else stats.neg_max
     inputs: list[_SegmentInputs] = []
+    layer_w_absmax = w.abs().amax(dim=0)  # column maxima of the whole weight (layer scope)
+    shared = spec.smooth_scope == "layer"
     for a, b in segments.bounds():
         want_h = spec.gptq and stats.hessians is not None
         if segments.axis == "out":
-            inputs.append(_SegmentInputs(w[a:b], rows, stats.pos_max, stats.neg_max, (fit_pos, fit_neg),
-                                         stats.hessian(0, k_in) if want_h else None))
-        else:
+            wk = w[a:b]
+            inputs.append(_SegmentInputs(wk, rows, stats.pos_max, stats.neg_max, (fit_pos, fit_neg),
+                                         stats.hessian(0, k_in) if want_h else None,
+                                         layer_w_absmax if shared else wk.abs().amax(dim=0)))
+        else:  # an in-segment's column maxima are the same slice either way
             inputs.append(_SegmentInputs(w[:, a:b], rows[:, a:b], stats.pos_max[a:b], stats.neg_max[a:b],
-                                         (fit_pos[a:b], fit_neg[a:b]), stats.hessian(a, b) if want_h else None))
+                                         (fit_pos[a:b], fit_neg[a:b]), stats.hessian(a, b) if want_h else None,
+                                         layer_w_absmax[a:b]))
     errors = [_score_alphas(seg_in, spec, rank) for seg_in in inputs]
-    alphas = _choose_alphas(errors, segments.sizes, spec.alpha_scope)
+    alphas = _choose_alphas(errors, segments.sizes, spec.smooth_scope)
     for seg, seg_in, alpha, errs in zip(layer.segs, inputs, alphas, errors):
         res = _finalise_segment(seg_in, spec, rank, alpha, errs)
         seg.weight = res.weight.data

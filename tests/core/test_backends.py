@@ -277,3 +277,4 @@ def test_cpu_int8_kernels_agree_and_the_rule_is_deterministic(monkeypatch, dual,
     m.ff.set_backend(get_backend("cpu-onednn-int8"))
     expect = "fbgemm" if rows <= cpu_onednn.SMALL_M else "onednn"
     assert torch.equal(m.ff(x), outs[expect])
+

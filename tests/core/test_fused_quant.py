@@ -20,6 +20,7 @@ SPECS = [
 @pytest.fixture
 def compiled(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("SEGQUANT_COMPILE", "1")
+    monkeypatch.setattr(fused_quant, "EAGER_MAX_ELEMENTS", 0)  # these inputs are small: force the compiled path
     fused_quant._kernel.cache_clear()
     yield
     fused_quant._kernel.cache_clear()
@@ -37,10 +38,10 @@ def test_compiled_codes_match_reference(spec: ActivationSpec, compiled: None) ->
         if not spec.dynamic:
             static = torch.tensor([0.05, 0.002]) if spec.dual else torch.tensor([0.04])
         ref_codes, ref_scales = encode_activation(xs, spec, static)
-        for unsigned in (True, False):
-            codes, row = fused_quant.encode_rows(x, spec, static, smooth, unsigned=unsigned)
+        for unsigned, as_float in ((True, False), (False, False), (False, True)):
+            codes, row = fused_quant.encode_rows(x, spec, static, smooth, unsigned=unsigned, as_float=as_float)
             expect = ref_codes.reshape(-1, 48).to(torch.int16) + (128 if unsigned else 0)
-            assert codes.dtype == (torch.uint8 if unsigned else torch.int8)
+            assert codes.dtype == (torch.float32 if as_float else torch.uint8 if unsigned else torch.int8)
             assert torch.equal(codes.to(torch.int16), expect)
             want = ref_scales.expand(ref_codes.shape[0], rows, 1).reshape(-1, 1)
             if isinstance(row, float):
@@ -48,3 +49,17 @@ def test_compiled_codes_match_reference(spec: ActivationSpec, compiled: None) ->
             else:
                 assert torch.allclose(row, want)
     assert fused_quant.compile_enabled()
+    assert fused_quant._kernel.cache_info().currsize >= 1  # the compiled kernel was used
+
+
+def test_small_inputs_skip_the_compiled_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A few rows (AdaLN's M = batch) cost less eagerly than entering a compiled region; same codes either way.
+    monkeypatch.setenv("SEGQUANT_COMPILE", "1")
+    fused_quant._kernel.cache_clear()
+    spec = SPECS[1]
+    x = torch.randn(2, 48)
+    static = torch.tensor([0.05, 0.002])
+    codes, _ = fused_quant.encode_rows(x, spec, static, None, unsigned=False)
+    assert fused_quant._kernel.cache_info().currsize == 0
+    ref, _ = encode_activation(x, spec, static)
+    assert torch.equal(codes, ref.reshape(-1, 48).to(torch.int8))

@@ -175,17 +175,40 @@ def test_alpha_search_scores_on_held_out_data_without_leaking_it():
     assert searched < 0.5 * e1, (searched, e1)
 
 
-def test_layer_alpha_scope_shares_the_alpha_that_minimises_the_summed_error():
+def test_layer_smooth_scope_shares_alpha_and_smoothing_vector_and_runs_as_one_gemm():
+    from segquant_core.backends.grouping import plan_gemms
+
     grid = (0.0, 0.25, 0.5, 0.75, 1.0)
-    per_segment, _, _ = _search(grid)
-    shared, _, _ = _search(grid, alpha_scope="layer")
-    # the per-segment errors are the same measurements either way; only the choice differs
-    assert [s.errors for s in shared.segments] == [s.errors for s in per_segment.segments]
-    alphas = {s.alpha for s in shared.segments}
+    m = AdaLNToy()
+    w = m.linear.weight.detach().clone()
+    calls = adaln_calls()
+    res = quantize(m, recipe("w8a8-segquant", smooth_scope="layer", alpha_grid=grid), calls,
+                   adaln_plan(m, dual=True), progress=False)
+    report = res.layers["linear"]
+    layer: SegLinear = m.linear
+    alphas = {seg.alpha for seg in report.segments}
     assert len(alphas) == 1
+    alpha = alphas.pop()
     sizes = [32] * 6  # AdaLNToy: six equal chunks of d = 32
-    total = {a: sum(s.errors[a] * n for s, n in zip(shared.segments, sizes)) for a in grid}
-    assert alphas == {min(total, key=total.get)}
+    total = {a: sum(seg.errors[a] * n for seg, n in zip(report.segments, sizes)) for a in grid}
+    assert alpha == min(total, key=total.get)
+    # one smoothing vector, built from the whole weight's column maxima
+    x_absmax = torch.stack([F.silu(c["emb"]).abs().amax(0) for c in calls]).amax(0)
+    expect = smoothing_vector(x_absmax, w.abs().amax(0), alpha)
+    for seg in layer.segs:
+        assert torch.allclose(seg.smooth, expect, rtol=1e-6)
+        assert torch.equal(seg.smooth, layer.segs[0].smooth) and torch.equal(seg.act_scale, layer.segs[0].act_scale)
+    # ... but each chunk keeps its own weight scale (chunks 0 and 3 differ 40x in range)
+    assert len({float(seg.weight_scale) for seg in layer.segs}) == 6
+    # the same quantized input for every chunk: the real backend runs the layer as one GEMM
+    assert len(plan_gemms(layer)) == 1
+    assert len(plan_gemms(quantize_default_scope())) == 6
+
+
+def quantize_default_scope() -> SegLinear:
+    m = AdaLNToy()
+    quantize(m, recipe("w8a8-segquant"), adaln_calls(), adaln_plan(m, dual=True), progress=False)
+    return m.linear
 
 
 def test_choose_alphas_weighs_segments_by_size():
@@ -199,8 +222,8 @@ def test_choose_alphas_weighs_segments_by_size():
     assert _choose_alphas([{0.0: nan, 0.5: nan}] * 2, (4, 4), "layer") == [0.0, 0.0]  # nothing scored: first
 
 
-def test_alpha_scope_switch_parses_and_rejects_unknown_values():
-    assert recipe("w8a8-segquant:alpha_scope=layer").alpha_scope == "layer"
-    assert recipe("w8a8-segquant").alpha_scope == "segment"
-    with pytest.raises(ValueError, match="alpha_scope"):
-        recipe("w8a8-segquant:alpha_scope=block")
+def test_smooth_scope_switch_parses_and_rejects_unknown_values():
+    assert recipe("w8a8-segquant:smooth_scope=layer").smooth_scope == "layer"
+    assert recipe("w8a8-segquant").smooth_scope == "segment"
+    with pytest.raises(ValueError, match="smooth_scope"):
+        recipe("w8a8-segquant:smooth_scope=block")
