@@ -3,9 +3,10 @@
 - **oneDNN** prepacked quantized linear: our symmetric int8 codes are shifted by 128 into uint8 (zero point
   128, exact), because oneDNN runs its fast u8×s8 VNNI kernels only for unsigned activations (the same op
   with signed activations falls back to a loop ~1000× slower). Per-output-column weight scales, the
-  activation scale and the bias are applied in the same call. Fastest at moderate M and K.
-- ``torch._int_mm`` (s8×s8 → s32, then a scaling pass): faster at K ≥ 4096 and at M ≥ 2048 (measured,
-  ENVIRONMENT.md).
+  activation scale and the bias are applied in the same call. The default for M > 32.
+- ``torch._int_mm`` (s8×s8 → s32, then a scaling pass): used only when forced or by autotune. An earlier
+  rule sent K ≥ 4096 and M ≥ 2048 here (ENVIRONMENT.md); side-by-side runs with the fused epilogues
+  (docs/benchmarks.md) found oneDNN as fast or faster at every SD3.5 shape, and much faster for DualScale.
 - **fbgemm** (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) for small M, e.g. the AdaLN
   modulation (M = batch): it is fed our codes as floats with scale 1 and zero point 128, so it requantizes
   them exactly, and its weight-streaming GEMV-like kernel has far less per-call overhead than oneDNN's
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from segquant_core.backends.fused_quant import encode_rows
-from segquant_core.backends.grouped import GroupedGemmBackend
+from segquant_core.backends.grouped import GroupedGemmBackend, PreparedGroup
 from segquant_core.backends.grouping import GemmGroup
 from segquant_core.quantizers import ActivationSpec
 
@@ -100,9 +101,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         if mode in ("onednn", "int_mm", "fbgemm"):
             return mode
         if mode != "autotune":
-            if x.shape[0] <= SMALL_M and fbgemm_available():
-                return "fbgemm"
-            return "int_mm" if (group.codes.shape[1] >= 4096 or x.shape[0] >= 2048) else "onednn"
+            return "fbgemm" if x.shape[0] <= SMALL_M and fbgemm_available() else "onednn"
         bucket = max(1, x.shape[0]).bit_length()
         choice = packed.choice.get(bucket)
         if choice is None:
@@ -118,6 +117,27 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             choice = min(timings, key=timings.__getitem__)
             packed.choice[bucket] = choice
         return choice
+
+    def group_output(self, pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """Static DualScale on oneDNN runs as two fused calls instead of one 2·M-row GEMM plus epilogues.
+
+        The positive half's call applies its scale and the bias; the negative half's call applies its
+        scale and accumulates into the first result with oneDNN's ``sum`` post-op. The generic path
+        instead writes a ``[2M, N]`` fp32 product and makes three more passes over it (row scales, halves,
+        bias), which cost as much as a third GEMM at M = 1024.
+        """
+        if act.dual and not act.dynamic and self._choose(pg.packed, x, act, pg.group) == "onednn":
+            m = x.shape[0]
+            rows, _ = encode_rows(x, act, pg.group.act_scale, pg.group.smooth, unsigned=True)
+            sp, sn = (float(v) for v in pg.group.act_scale.float().reshape(-1)[:2])
+            p, g = pg.packed, pg.group
+            y = torch.ops.onednn.qlinear_pointwise(rows[:m], sp, 128, p.onednn, g.w_scale, p.zero_points, bias,
+                                                   1.0, 0, torch.float32, "none", [], "")
+            return torch.ops.onednn.qlinear_pointwise.binary(
+                rows[m:], sn, 128, p.onednn, g.w_scale, p.zero_points, y, None, 1.0, 0, torch.float32,
+                1.0, 0, "sum", 1.0, "none", [], "")
+        return super().group_output(pg, x, act, bias)
 
     def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
                packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:

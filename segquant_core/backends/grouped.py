@@ -3,8 +3,8 @@
 A concrete backend supplies three things: which layers it takes, how to pack a group's weight codes once,
 and one GEMM ``rows(codes) · Wᵀ ⊙ w_scale ⊙ row_scale`` in fp32. DualScale inputs arrive as ``2·M`` stacked
 rows (positive codes, then negative codes) so one GEMM call computes both halves; the two halves are then
-added with their own scales. Bias is added once, fused into the GEMM when the layer is a single group
-with a static single-scale input.
+added with their own scales. Bias is added once: inside the group's GEMM call (or right after it) when the layer is
+a single group, else after the groups are combined.
 """
 
 from __future__ import annotations
@@ -56,9 +56,7 @@ class GroupedGemmBackend(Backend):
     def prepare(self, layer: SegLinear) -> PreparedLayer:
         groups = plan_gemms(layer)
         prepared = [PreparedGroup(g, self.pack(g), g.codes.shape[0]) for g in groups]
-        act = layer.cfg.activation
-        fuse = (len(groups) == 1 and act is not None and not act.dual and not act.dynamic
-                and groups[0].lowrank is None)
+        fuse = len(groups) == 1 and groups[0].lowrank is None
         bias = layer.bias.float() if layer.bias is not None else None
         return PreparedLayer(prepared, bias, fuse and bias is not None)
 
@@ -78,6 +76,22 @@ class GroupedGemmBackend(Backend):
             return rows, float(scales.reshape(-1)[0])
         return rows, scales.expand(parts, m, 1).reshape(parts * m, 1)
 
+    def group_output(self, pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+        """One group's quantized GEMM ``[M, N_g]`` in fp32: encode, GEMM, add the DualScale halves.
+
+        ``bias`` is given when this group is the whole layer (it is then added here, fused into the GEMM where
+        the kernel can); backends with a faster way to run some case (e.g. DualScale as two fused calls)
+        override this.
+        """
+        m = x.shape[0]
+        rows, row_scale = self.encode(x, act, pg.group, pg.packed)
+        if isinstance(row_scale, float):
+            return self.gemm(pg.packed, pg.group, rows, row_scale, bias)
+        y2 = self.gemm(pg.packed, pg.group, rows, row_scale, None)
+        y = y2 if y2.shape[0] == m else y2[:m].add_(y2[m:])
+        return y.add_(bias) if bias is not None else y
+
     def run(self, layer: SegLinear, state: PreparedLayer, x: torch.Tensor) -> torch.Tensor:
         act = layer.cfg.activation
         assert act is not None
@@ -88,12 +102,7 @@ class GroupedGemmBackend(Backend):
         for pg in state.groups:
             g = pg.group
             xk = x if g.in_slice is None else x[:, g.in_slice[0]:g.in_slice[1]]
-            rows, row_scale = self.encode(xk, act, g, pg.packed)
-            if isinstance(row_scale, float):
-                y = self.gemm(pg.packed, g, rows, row_scale, state.bias if state.fuse_bias else None)
-            else:
-                y2 = self.gemm(pg.packed, g, rows, row_scale, None)
-                y = y2 if y2.shape[0] == m else y2[:m].add_(y2[m:])
+            y = self.group_output(pg, xk, act, state.bias if state.fuse_bias else None)
             if g.lowrank is not None:
                 xs = xk.float() if g.smooth is None else xk.float() / g.smooth
                 y = y + (xs @ g.lowrank[0].float()) @ g.lowrank[1].float()
