@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from segquant_core.backends.fused_quant import encode_rows
-from segquant_core.backends.grouped import GroupedGemmBackend, PreparedGroup
+from segquant_core.backends.fused_quant import encode_channels, encode_rows
+from segquant_core.backends.grouped import GroupedGemmBackend, PreparedGroup, PreparedLayer
 from segquant_core.backends.grouping import GemmGroup
 from segquant_core.quantizers import ActivationSpec
 
@@ -67,6 +67,12 @@ def _fbgemm_pack(group: GemmGroup) -> Any:
         qw = torch._make_per_channel_quantized_tensor(group.codes.contiguous(), group.w_scale.double(),
                                                       torch.zeros(n, dtype=torch.long), 0)
         return torch.ops.quantized.linear_prepack(qw, None)
+
+
+@dataclass
+class CpuPreparedLayer(PreparedLayer):
+    # in-segments with static single scales: per-input-channel (smoothing, activation scale) for one encode pass
+    channels: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class OneDNNInt8Backend(GroupedGemmBackend):
@@ -118,26 +124,83 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             packed.choice[bucket] = choice
         return choice
 
-    def group_output(self, pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
-                     bias: torch.Tensor | None) -> torch.Tensor:
-        """Static DualScale on oneDNN runs as two fused calls instead of one 2·M-row GEMM plus epilogues.
+    def prepare(self, layer: SegLinear) -> CpuPreparedLayer:
+        base = super().prepare(layer)
+        act = layer.cfg.activation
+        channels = None
+        if (layer.cfg.segments.axis == "in" and len(base.groups) > 1 and act is not None and not act.dynamic
+                and not act.dual and all(pg.group.act_scale is not None for pg in base.groups)):
+            scales, smooth = [], []
+            for pg in base.groups:
+                g = pg.group
+                assert g.in_slice is not None and g.act_scale is not None
+                width = g.in_slice[1] - g.in_slice[0]
+                scales.append(g.act_scale.float().reshape(-1)[:1].expand(width))
+                smooth.append(g.smooth.float() if g.smooth is not None else torch.ones(width))
+            channels = (torch.cat(smooth), torch.cat(scales))
+        return CpuPreparedLayer(base.groups, base.bias, base.fuse_bias, channels)
 
-        The positive half's call applies its scale and the bias; the negative half's call applies its
-        scale and accumulates into the first result with oneDNN's ``sum`` post-op. The generic path
-        instead writes a ``[2M, N]`` fp32 product and makes three more passes over it (row scales, halves,
-        bias), which cost as much as a third GEMM at M = 1024.
+    def run(self, layer: SegLinear, state: PreparedLayer, x: torch.Tensor) -> torch.Tensor:
+        """Static-scale layers on oneDNN take fused paths (below); everything else the generic group loop."""
+        act = layer.cfg.activation
+        assert act is not None
+        groups = state.groups
+        if (act.dynamic or any(pg.group.lowrank is not None for pg in groups)
+                or self._choose(groups[0].packed, x, act, groups[0].group) != "onednn"):
+            return super().run(layer, state, x)
+        if len(groups) == 1:
+            out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
+            return self._one_group(groups[0], x, act, state.bias, out_dtype)
+        channels = getattr(state, "channels", None)
+        if channels is not None:
+            return self._in_segments(state, channels, x)
+        return super().run(layer, state, x)
+
+    @staticmethod
+    def _one_group(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None,
+                   out_dtype: torch.dtype) -> torch.Tensor:
+        """The whole layer in one fused call, or two for static DualScale; output straight in ``out_dtype``.
+
+        DualScale: the positive half's call applies its scale and the bias, the negative half's call its
+        own scale and adds the first result as a post-op. The generic path instead writes a ``[2M, N]``
+        fp32 product and makes three more passes over it (row scales, halves, bias), which cost as much
+        as a third GEMM at M = 1024.
         """
-        if act.dual and not act.dynamic and self._choose(pg.packed, x, act, pg.group) == "onednn":
-            m = x.shape[0]
-            rows, _ = encode_rows(x, act, pg.group.act_scale, pg.group.smooth, unsigned=True)
-            sp, sn = (float(v) for v in pg.group.act_scale.float().reshape(-1)[:2])
+        p, g = pg.packed, pg.group
+        assert g.act_scale is not None
+        scales = g.act_scale.float().reshape(-1).tolist()
+        rows, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=True)
+        if not act.dual:
+            return torch.ops.onednn.qlinear_pointwise(rows, scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias,
+                                                      1.0, 0, out_dtype, "none", [], "")
+        m = x.shape[0]
+        y = torch.ops.onednn.qlinear_pointwise(rows[:m], scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias,
+                                               1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            rows[m:], scales[1], 128, p.onednn, g.w_scale, p.zero_points, y, None, 1.0, 0, out_dtype,
+            1.0, 0, "sum" if out_dtype == torch.float32 else "add", 1.0, "none", [], "")
+
+    @staticmethod
+    def _in_segments(state: PreparedLayer, channels: tuple[torch.Tensor, torch.Tensor],
+                     x: torch.Tensor) -> torch.Tensor:
+        """In-segments (per-head scales): one encode pass for all segments, then one call per segment that
+        accumulates into the output in place (``sum`` post-op) instead of writing and adding a product each."""
+        codes = encode_channels(x, channels[0], channels[1], unsigned=True)
+        out: torch.Tensor | None = None
+        for pg in state.groups:
             p, g = pg.packed, pg.group
-            y = torch.ops.onednn.qlinear_pointwise(rows[:m], sp, 128, p.onednn, g.w_scale, p.zero_points, bias,
-                                                   1.0, 0, torch.float32, "none", [], "")
-            return torch.ops.onednn.qlinear_pointwise.binary(
-                rows[m:], sn, 128, p.onednn, g.w_scale, p.zero_points, y, None, 1.0, 0, torch.float32,
-                1.0, 0, "sum", 1.0, "none", [], "")
-        return super().group_output(pg, x, act, bias)
+            assert g.in_slice is not None and g.act_scale is not None
+            xk = codes[:, g.in_slice[0]:g.in_slice[1]]
+            scale = float(g.act_scale.reshape(-1)[0])
+            if out is None:
+                out = torch.ops.onednn.qlinear_pointwise(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
+                                                         state.bias, 1.0, 0, torch.float32, "none", [], "")
+            else:
+                torch.ops.onednn.qlinear_pointwise.binary(xk, scale, 128, p.onednn, g.w_scale, p.zero_points, out,
+                                                          None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none",
+                                                          [], "")
+        assert out is not None
+        return out
 
     def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
                packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:

@@ -46,6 +46,14 @@ def _static_dual(x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: to
     return (codes + offset if offset else codes).to(dtype)
 
 
+def _static_channels(x: torch.Tensor, smooth: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Static single-scale codes where each input channel has its own scale (in-segments, one pass)."""
+    xf = x.float() / smooth
+    offset = 128.0 if dtype == torch.uint8 else 0.0
+    codes = torch.clamp(torch.round(xf / scales), -128.0, 127.0)
+    return (codes + offset if offset else codes).to(dtype)
+
+
 def _scale(amax: torch.Tensor, denom: float) -> torch.Tensor:
     return torch.where(amax > TINY_AMAX, amax / denom, torch.ones_like(amax))
 
@@ -91,8 +99,9 @@ def _tensor_dual(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> t
 
 
 _FLAVOURS: dict[str, Callable] = {
-    "static_single": _static_single, "static_dual": _static_dual, "token_single": _token_single,
-    "tensor_single": _tensor_single, "token_dual": _token_dual, "tensor_dual": _tensor_dual,
+    "static_single": _static_single, "static_channels": _static_channels, "static_dual": _static_dual,
+    "token_single": _token_single, "tensor_single": _tensor_single, "token_dual": _token_dual,
+    "tensor_dual": _tensor_dual,
 }
 
 
@@ -166,3 +175,12 @@ def encode_rows(x: torch.Tensor, spec: ActivationSpec, static_scales: torch.Tens
     kind = "token" if spec.granularity is Granularity.TOKEN else "tensor"
     codes, row = _call(f"{kind}_{'dual' if spec.dual else 'single'}", x, smooth, dtype)  # type: ignore[misc]
     return codes, row.float()
+
+
+def encode_channels(x: torch.Tensor, smooth: torch.Tensor, scales: torch.Tensor, *, unsigned: bool) -> torch.Tensor:
+    """Codes of ``x [M, K]`` for in-segments with static single scales, all segments in one pass.
+
+    ``smooth`` and ``scales`` are per input channel (each segment's value repeated over its channels); the
+    arithmetic per element is that of :func:`encode_rows` on the segment alone, so the codes are the same.
+    """
+    return _call("static_channels", x, smooth, scales, torch.uint8 if unsigned else torch.int8)  # type: ignore[return-value]

@@ -255,26 +255,34 @@ def test_item09_all_positive_layer_input_dual_equals_single(act):
 
 
 # The CPU int8 backend's three kernels (oneDNN, _int_mm, fbgemm) compute the same integer GEMM ----------------------
+@pytest.mark.parametrize("layer_name", SEG_LAYERS)
 @pytest.mark.parametrize("dual", [False, True])
 @pytest.mark.parametrize("rows", [2, 48])
-def test_cpu_int8_kernels_agree_and_the_rule_is_deterministic(monkeypatch, dual, rows):
+def test_cpu_int8_kernels_agree_and_the_rule_is_deterministic(monkeypatch, layer_name, dual, rows):
+    """Every kernel, and oneDNN's fused paths (one call, DualScale as two calls, in-segments accumulated in
+    place), against the generic per-group path on _int_mm and against the reference."""
     from segquant_core.backends import cpu_onednn
 
     if not cpu_onednn.fbgemm_available():
         pytest.skip("no fbgemm in this torch build")
     m = quantized_toy("int8", "static-tensor", dual=dual, smooth=True, lowrank=0, backend="cpu-onednn-int8")
-    x = torch.randn(rows, m.d, generator=gen(3)) * 2
+    layer = getattr(m, layer_name)
+    x = torch.randn(rows, layer.in_features, generator=gen(3)) * 2
     outs = {}
     for kernel in ("fbgemm", "onednn", "int_mm"):
         monkeypatch.setenv("SEGQUANT_CPU_GEMM", kernel)
-        m.ff.set_backend(get_backend("cpu-onednn-int8"))  # fresh packing per kernel
-        outs[kernel] = m.ff(x)
-    # fbgemm and _int_mm both scale the exact int32 sums by the same fp32 factors: identical outputs
-    assert torch.equal(outs["fbgemm"], outs["int_mm"])
+        layer.set_backend(get_backend("cpu-onednn-int8"))  # fresh packing per kernel
+        outs[kernel] = layer(x)
+        for xb in (x.bfloat16(),):  # bf16 inputs may come back in bf16 straight from the kernel
+            yb = layer(xb)
+            assert yb.dtype == torch.bfloat16 and rel_err(yb.float(), outs[kernel]) < 1e-2
+    # fbgemm and the generic _int_mm path scale the same exact int32 sums by the same fp32 factors
+    assert rel_err(outs["fbgemm"], outs["int_mm"]) < 1e-6
     assert rel_err(outs["onednn"], outs["int_mm"]) < 1e-6
-    # the default rule: fbgemm for small M, else oneDNN at these sizes
+    layer.set_backend(ReferenceBackend())
+    assert rel_err(outs["onednn"], layer(x)) < 1e-3
+    # the default rule: fbgemm for small M, else oneDNN
     monkeypatch.setenv("SEGQUANT_CPU_GEMM", "rule")
-    m.ff.set_backend(get_backend("cpu-onednn-int8"))
+    layer.set_backend(get_backend("cpu-onednn-int8"))
     expect = "fbgemm" if rows <= cpu_onednn.SMALL_M else "onednn"
-    assert torch.equal(m.ff(x), outs[expect])
-
+    assert torch.equal(layer(x), outs[expect])

@@ -63,3 +63,22 @@ def test_small_inputs_skip_the_compiled_region(monkeypatch: pytest.MonkeyPatch) 
     assert fused_quant._kernel.cache_info().currsize == 0
     ref, _ = encode_activation(x, spec, static)
     assert torch.equal(codes, ref.reshape(-1, 48).to(torch.int8))
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_encode_channels_matches_per_segment_encoding(monkeypatch: pytest.MonkeyPatch, eager: bool) -> None:
+    monkeypatch.setenv("SEGQUANT_COMPILE", "1")
+    monkeypatch.setattr(fused_quant, "EAGER_MAX_ELEMENTS", 1 << 30 if eager else 0)
+    fused_quant._kernel.cache_clear()
+    spec = SPECS[0]
+    torch.manual_seed(1)
+    x = (torch.randn(9, 48) * 3).to(torch.bfloat16)
+    bounds = [(0, 16), (16, 40), (40, 48)]
+    seg_scales = [0.02, 0.05, 0.011]
+    smooth = torch.rand(48) + 0.5
+    per_channel = torch.cat([torch.full((b - a,), s) for (a, b), s in zip(bounds, seg_scales)])
+    codes = fused_quant.encode_channels(x, smooth, per_channel, unsigned=True)
+    for (a, b), s in zip(bounds, seg_scales):
+        seg, _ = fused_quant.encode_rows(x[:, a:b], spec, torch.tensor([s]), smooth[a:b], unsigned=True)
+        assert torch.equal(codes[:, a:b], seg)
+    fused_quant._kernel.cache_clear()
