@@ -30,12 +30,17 @@ def quantize_pipeline(pipe: Any, recipe_spec: str | Recipe, prompts: Sequence[st
                       num_inference_steps: int = 20, steps_per_prompt: int = 4,
                       guidance_scale: float | None = None, seed: int = 0, plan: Plan | None = None,
                       backend: str = "auto", progress: bool = True,
-                      call_kwargs: dict[str, Any] | None = None) -> QuantizationResult:
-    """Calibrate on ``pipe``'s own denoising loop over ``prompts`` and quantize its denoiser in place."""
+                      call_kwargs: dict[str, Any] | None = None,
+                      calibration: CalibrationSet | None = None) -> QuantizationResult:
+    """Calibrate on ``pipe``'s own denoising loop over ``prompts`` and quantize its denoiser in place.
+
+    ``calibration`` reuses denoiser inputs captured earlier (:func:`capture_calibration` on the same float
+    pipeline and prompts), e.g. when several recipes are built from one model; ``prompts`` are then unused.
+    """
     r = recipe(recipe_spec) if isinstance(recipe_spec, str) else recipe_spec
     model = denoiser_of(pipe)
-    calib = CalibrationSet()
-    if r.quantizes:
+    calib = calibration if calibration is not None else CalibrationSet()
+    if r.quantizes and calibration is None:
         calib = capture_calibration(pipe, prompts, num_inference_steps=num_inference_steps,
                                     steps_per_prompt=steps_per_prompt, guidance_scale=guidance_scale,
                                     seed=seed, call_kwargs=call_kwargs, progress=progress)

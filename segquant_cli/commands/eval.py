@@ -19,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", help="evaluation prompts, one per line (default: the model's held-out prompts)")
     p.add_argument("--num-prompts", type=int, default=32, help="how many default evaluation prompts (default 32)")
     p.add_argument("--calib-prompts", help="calibration prompts file (default: the model's calibration prompts)")
-    p.add_argument("--calib-samples", type=int, default=64, help="denoiser calls to calibrate on (default 64)")
+    p.add_argument("--calib-samples", type=int, default=256,
+                   help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)")
     p.add_argument("--steps-per-prompt", type=int, default=4)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")

@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--component", choices=["transformer", "unet"])
     p.add_argument("--prompts", help="text file with one calibration prompt per line")
-    p.add_argument("--calib-samples", type=int, default=64, help="denoiser calls to calibrate on (default 64)")
+    p.add_argument("--calib-samples", type=int, default=256,
+                   help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per calibration prompt (default 20)")
     p.add_argument("--steps-per-prompt", type=int, default=4, help="recorded steps per prompt (default 4)")
     p.add_argument("--guidance-scale", type=float, default=None)

@@ -1,7 +1,8 @@
 """``evaluate``: the float model and each quantized variant on the same prompts, seeds and noise.
 
 Each variant starts from a freshly loaded float pipeline, is calibrated on *calibration* prompts (which
-must not overlap the evaluation prompts), generates the evaluation grid, and is scored against the float
+must not overlap the evaluation prompts; their denoiser inputs are captured once, from the float
+pipeline, and shared by every variant), generates the evaluation grid, and is scored against the float
 images: PSNR, SSIM, final-latent MSE and — when a scorer is given — prompt-adherence accuracy.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from segquant_core.api import load_into_pipeline, quantize_pipeline, save
+from segquant_core.api import CalibrationSet, capture_calibration, load_into_pipeline, quantize_pipeline, save
 from segquant_core.calibrate.capture import denoiser_of
 from segquant_core.eval.harness import Generations, generate_grid
 from segquant_core.eval.metrics import latent_mse, mean_finite, psnr, ssim
@@ -95,6 +96,7 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
         recipe(name)  # validate every name before spending minutes on the first
     report = EvalReport(model_name, [], list(prompts), list(calibration_prompts), list(seeds),
                         num_inference_steps, guidance_scale, 0)
+    calibration: CalibrationSet | None = None  # captured once from the float pipeline, shared by all variants
     for name in names:
         pipe = load_pipeline()
         t0 = time.perf_counter()
@@ -105,9 +107,15 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
                 result = load_into_pipeline(cached, pipe)
                 logger.info("eval: loaded %s from %s", name, cached)
             else:
+                if calibration is None:
+                    calibration = capture_calibration(pipe, calibration_prompts,
+                                                      num_inference_steps=num_inference_steps,
+                                                      steps_per_prompt=steps_per_prompt,
+                                                      guidance_scale=guidance_scale, call_kwargs=call_kwargs,
+                                                      progress=progress)
                 result = quantize_pipeline(pipe, name, calibration_prompts, num_inference_steps=num_inference_steps,
                                            steps_per_prompt=steps_per_prompt, guidance_scale=guidance_scale,
-                                           progress=progress, call_kwargs=call_kwargs)
+                                           progress=progress, call_kwargs=call_kwargs, calibration=calibration)
                 report.calibration_samples = int(result.calibration.get("samples", 0))
                 if cached is not None:
                     save(denoiser_of(pipe), cached)
