@@ -101,6 +101,10 @@ def segquant_variants(shape: LayerShape, include_fp8: bool = False) -> list[tupl
                          recipe("w8a8", seg=True), shape.segments, False))
         if shape.gelu_input:
             variants.append(("segquant w8a8 seg+dual", recipe("w8a8", seg=True, dual=True), shape.segments, True))
+    full = [f"seg({shape.segments.axis}×{shape.segments.count})"] if shape.segments is not None else []
+    full += ["dual"] if shape.gelu_input else []
+    variants.append((f"segquant w8a8-segquant [smooth{''.join(', ' + f for f in full)}]", recipe("w8a8-segquant"),
+                     shape.segments, shape.gelu_input))
     variants.append(("segquant w4a8 (int4 w, dyn a)", recipe("w4a8-segquant", smooth=False, gptq=False), None, False))
     if include_fp8:
         variants.append(("segquant fp8", recipe("fp8-segquant"), None, False))
