@@ -48,6 +48,7 @@ class CpuPacked:
     zero_points: torch.Tensor
     choice: dict[int, str] = field(default_factory=dict)
     fbgemm: Any = None  # fbgemm packed weight (with the column scales), made on first small-M call
+    fbgemm_static: Any = None  # ... with the bias too, for the one-call static single-scale path
 
 # Rows of x (before DualScale stacking) up to which the fbgemm kernel is used. Measured on the 2-core
 # AVX-512 VNNI machine: fbgemm wins clearly at M ≤ 16 and loses to oneDNN from M ≈ 64 on.
@@ -59,14 +60,20 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, _FBGEMM_OP)
 
 
-def _fbgemm_pack(group: GemmGroup) -> Any:
-    """Per-channel qint8 weight (codes + column scales) prepacked for fbgemm; no bias (added after)."""
+def _fbgemm_pack(group: GemmGroup, bias: torch.Tensor | None = None) -> Any:
+    """Per-channel qint8 weight (codes + column scales, optionally the bias) prepacked for fbgemm."""
     n = group.codes.shape[0]
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch but still the way to pack
         warnings.simplefilter("ignore")
         qw = torch._make_per_channel_quantized_tensor(group.codes.contiguous(), group.w_scale.double(),
                                                       torch.zeros(n, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qw, None)
+        return torch.ops.quantized.linear_prepack(qw, bias)
+
+
+def _fbgemm(x: torch.Tensor, packed: Any, scale: float = 1.0) -> torch.Tensor:
+    """fp32 ``Q(x / scale) · Wᵀ ⊙ scale ⊙ w_scale (+ packed bias)``; with scale 1 and integer-valued
+    x (our codes) the requantization is exact."""
+    return getattr(torch.ops.quantized, _FBGEMM_OP)(x, scale, 128, packed)
 
 
 @dataclass
@@ -145,8 +152,12 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         act = layer.cfg.activation
         assert act is not None
         groups = state.groups
-        if (act.dynamic or any(pg.group.lowrank is not None for pg in groups)
-                or self._choose(groups[0].packed, x, act, groups[0].group) != "onednn"):
+        if act.dynamic or any(pg.group.lowrank is not None for pg in groups):
+            return super().run(layer, state, x)
+        kind = self._choose(groups[0].packed, x, act, groups[0].group)
+        if kind == "fbgemm" and len(groups) == 1 and not act.dual:
+            return self._fbgemm_static(groups[0], x, state.bias)
+        if kind != "onednn":
             return super().run(layer, state, x)
         if len(groups) == 1:
             out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
@@ -155,6 +166,22 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         if channels is not None:
             return self._in_segments(state, channels, x)
         return super().run(layer, state, x)
+
+    @staticmethod
+    def _fbgemm_static(pg: PreparedGroup, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Small M, one static scale: a single fbgemm call quantizes, multiplies and adds the bias.
+
+        At M = 2 the whole layer costs ~0.3 ms, so the ~8 small ops and Python layers of the generic path
+        (~50 µs) matter. fbgemm rounds ``x · (1/scale)`` where our encoder rounds ``x / scale``, so a code
+        can differ by one where the two straddle a rounding boundary; the choice of path is deterministic.
+        """
+        p, g = pg.packed, pg.group
+        if p.fbgemm_static is None:
+            assert g.act_scale is not None
+            p.fbgemm_static = (_fbgemm_pack(g, bias), float(g.act_scale.reshape(-1)[0]))
+        packed, scale = p.fbgemm_static
+        xs = x.float() if g.smooth is None else x.float() / g.smooth
+        return _fbgemm(xs, packed, scale)
 
     @staticmethod
     def _one_group(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None,
@@ -225,7 +252,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         if codes.dtype == torch.float32:  # fbgemm: exact integer codes as floats, requantized with scale 1
             if packed.fbgemm is None:
                 packed.fbgemm = _fbgemm_pack(group)
-            y = getattr(torch.ops.quantized, _FBGEMM_OP)(codes, 1.0, 128, packed.fbgemm).mul_(row_scale)
+            y = _fbgemm(codes, packed.fbgemm).mul_(row_scale)
             return y.add_(bias) if bias is not None else y
         if codes.dtype == torch.uint8:  # oneDNN: codes were shifted by +128 in encode()
             y = torch.ops.onednn.qlinear_pointwise(
