@@ -68,7 +68,7 @@ class LayerSpec:
     alpha_grid: tuple[float, ...]
     gptq: bool
     lowrank: int
-    smooth_scope: str = "segment"
+    smooth_scope: str = "layer"
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,10 @@ class Recipe:
     alpha: float = 0.5
     search: bool = True  # search α over alpha_grid (else use ``alpha``)
     alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID
-    # "segment": each segment gets its own smoothing vector and α (the reference's behaviour);
-    # "layer": one α and one smoothing vector per layer, segments keep their own quantization scales.
-    smooth_scope: str = "segment"
+    # "layer": one α and one smoothing vector per layer, segments keep their own quantization scales (better
+    # fidelity and one GEMM for out-segments, docs/results.md); "segment": each segment gets its own
+    # smoothing vector and α (the reference implementation's behaviour).
+    smooth_scope: str = "layer"
     seg: bool = False
     dual: bool = False
     gptq: bool = False

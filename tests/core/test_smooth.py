@@ -65,7 +65,8 @@ def test_item24_per_segment_smoothing_vectors_differ():
     m = AdaLNToy()
     w = m.linear.weight.detach().clone()
     calls = adaln_calls()
-    quantize(m, recipe("w8a8-smooth", seg=True, search=False, alpha=0.5), calls, adaln_plan(m), progress=False)
+    quantize(m, recipe("w8a8-smooth", seg=True, search=False, alpha=0.5, smooth_scope="segment"), calls,
+             adaln_plan(m), progress=False)
     layer: SegLinear = m.linear
     x_absmax = torch.stack([F.silu(c["emb"]).abs().amax(0) for c in calls]).amax(0)
     smooths = [seg.smooth for seg in layer.segs]
@@ -84,6 +85,7 @@ def _search(grid, smooth_recipe="w8a8-smooth", **kw):
     m = AdaLNToy()
     w = m.linear.weight.detach().clone()
     orig_weight = m.linear.weight
+    kw.setdefault("smooth_scope", "segment")  # §11.2 specifies the search per segment
     r = recipe(smooth_recipe, seg=True, alpha_grid=tuple(grid), **kw)
     res = quantize(m, r, adaln_calls(), adaln_plan(m), progress=False)
     return res.layers["linear"], w, orig_weight
@@ -202,12 +204,13 @@ def test_layer_smooth_scope_shares_alpha_and_smoothing_vector_and_runs_as_one_ge
     assert len({float(seg.weight_scale) for seg in layer.segs}) == 6
     # the same quantized input for every chunk: the real backend runs the layer as one GEMM
     assert len(plan_gemms(layer)) == 1
-    assert len(plan_gemms(quantize_default_scope())) == 6
+    assert len(plan_gemms(quantize_segment_scope())) == 6
 
 
-def quantize_default_scope() -> SegLinear:
+def quantize_segment_scope() -> SegLinear:
     m = AdaLNToy()
-    quantize(m, recipe("w8a8-segquant"), adaln_calls(), adaln_plan(m, dual=True), progress=False)
+    quantize(m, recipe("w8a8-segquant", smooth_scope="segment"), adaln_calls(), adaln_plan(m, dual=True),
+             progress=False)
     return m.linear
 
 
@@ -223,7 +226,7 @@ def test_choose_alphas_weighs_segments_by_size():
 
 
 def test_smooth_scope_switch_parses_and_rejects_unknown_values():
-    assert recipe("w8a8-segquant:smooth_scope=layer").smooth_scope == "layer"
-    assert recipe("w8a8-segquant").smooth_scope == "segment"
+    assert recipe("w8a8-segquant:smooth_scope=segment").smooth_scope == "segment"
+    assert recipe("w8a8-segquant").smooth_scope == "layer"
     with pytest.raises(ValueError, match="smooth_scope"):
         recipe("w8a8-segquant:smooth_scope=block")

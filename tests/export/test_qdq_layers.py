@@ -49,6 +49,7 @@ PLAN = Plan([
 ])
 
 BASE = Recipe("toy", smooth=True, seg=True, dual=True, overrides=(
+    LayerOverride.from_dict({"pattern": "a", "smooth_scope": "segment"}),
     LayerOverride.from_dict({"pattern": "b", "lowrank": 4}),
     LayerOverride.from_dict({"pattern": "c", "smooth": False, "weight_granularity": "channel"}),
     LayerOverride.from_dict({"pattern": "d", "weight": "int4", "weight_granularity": "channel"}),
@@ -80,7 +81,7 @@ def test_every_seglinear_kind_has_the_planned_qdq_form(toy, tmp_path: Path) -> N
     assert result.opset == 21  # int4 weights ask for opset 21
     proto = assert_plan_counts(model, out)
     rep = result.layers
-    # a: out-segments, each with its own smoothing vector → two branches, concatenated
+    # a: out-segments, each with its own smoothing vector (smooth_scope=segment) → two branches, concatenated
     assert (rep["a"].groups, rep["a"].parts) == (2, 1)
     assert [n.op_type for n in proto.graph.node if n.name == "a/concat"] == ["Concat"]
     # b: in-segments + DualScale + low-rank: Split, 3 × (Relu/Min → 2 Q/DQ → 2 MatMul), Sum
