@@ -53,6 +53,8 @@ class CpuPacked:
 # Rows of x (before DualScale stacking) up to which the fbgemm kernel is used. Measured on the 2-core
 # AVX-512 VNNI machine: fbgemm wins clearly at M ≤ 16 and loses to oneDNN from M ≈ 64 on.
 SMALL_M = 32
+# Row block of the in-segment path: its fp32 output block (6 MB at N = 1536) is re-read by every segment.
+IN_SEGMENT_ROWS = 1024
 _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 
 
@@ -211,23 +213,32 @@ class OneDNNInt8Backend(GroupedGemmBackend):
     def _in_segments(state: PreparedLayer, channels: tuple[torch.Tensor, torch.Tensor],
                      x: torch.Tensor) -> torch.Tensor:
         """In-segments (per-head scales): one encode pass for all segments, then one call per segment that
-        accumulates into the output in place (``sum`` post-op) instead of writing and adding a product each."""
+        accumulates into the output in place (``sum`` post-op) instead of writing and adding a product each.
+
+        Each call re-reads and re-writes the ``[M, N]`` fp32 output, so rows go in blocks of
+        ``IN_SEGMENT_ROWS`` whose output stays in cache across the segments (59 → 41 ms at 4096×1536×1536
+        with 24 heads).
+        """
         codes = encode_channels(x, channels[0], channels[1], unsigned=True)
-        out: torch.Tensor | None = None
-        for pg in state.groups:
-            p, g = pg.packed, pg.group
-            assert g.in_slice is not None and g.act_scale is not None
-            xk = codes[:, g.in_slice[0]:g.in_slice[1]]
-            scale = float(g.act_scale.reshape(-1)[0])
-            if out is None:
-                out = torch.ops.onednn.qlinear_pointwise(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
-                                                         state.bias, 1.0, 0, torch.float32, "none", [], "")
-            else:
-                torch.ops.onednn.qlinear_pointwise.binary(xk, scale, 128, p.onednn, g.w_scale, p.zero_points, out,
-                                                          None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none",
-                                                          [], "")
-        assert out is not None
-        return out
+        blocks = []
+        for r0 in range(0, x.shape[0], IN_SEGMENT_ROWS):
+            rows = codes[r0:r0 + IN_SEGMENT_ROWS]
+            y: torch.Tensor | None = None
+            for pg in state.groups:
+                p, g = pg.packed, pg.group
+                assert g.in_slice is not None and g.act_scale is not None
+                xk = rows[:, g.in_slice[0]:g.in_slice[1]]
+                scale = float(g.act_scale.reshape(-1)[0])
+                if y is None:
+                    y = torch.ops.onednn.qlinear_pointwise(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
+                                                           state.bias, 1.0, 0, torch.float32, "none", [], "")
+                else:
+                    torch.ops.onednn.qlinear_pointwise.binary(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
+                                                              y, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
+                                                              "none", [], "")
+            assert y is not None
+            blocks.append(y)
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
                packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:

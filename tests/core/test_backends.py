@@ -265,6 +265,7 @@ def test_cpu_int8_kernels_agree_and_the_rule_is_deterministic(monkeypatch, layer
 
     if not cpu_onednn.fbgemm_available():
         pytest.skip("no fbgemm in this torch build")
+    monkeypatch.setattr(cpu_onednn, "IN_SEGMENT_ROWS", 16)  # 48 rows: the in-segment path runs in 3 row blocks
     m = quantized_toy("int8", "static-tensor", dual=dual, smooth=True, lowrank=0, backend="cpu-onednn-int8")
     layer = getattr(m, layer_name)
     x = torch.randn(rows, layer.in_features, generator=gen(3)) * 2
