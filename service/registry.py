@@ -69,7 +69,7 @@ class CalibrationSpec(BaseModel):
     """How a missing artifact is built: denoiser calls recorded from the pipeline's own loop."""
 
     model_config = ConfigDict(extra="forbid")
-    samples: int = Field(64, ge=1, description="recorded denoiser calls")
+    samples: int = Field(256, ge=1, description="recorded denoiser calls (per-segment static scales need coverage)")
     num_inference_steps: int = Field(20, ge=1)
     steps_per_prompt: int = Field(4, ge=1)
     guidance_scale: float | None = None
