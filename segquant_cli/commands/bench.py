@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from segquant_core.bench.report import print_table, write_json
+    from segquant_core.bench.report import print_table, write_json, write_markdown
     from segquant_core.bench.timing import environment
 
     command = "segquant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -70,17 +70,16 @@ def run(args: argparse.Namespace) -> int:
             shapes = default_shapes(args.model, tokens)
         rows = run_layer_bench(shapes, rounds=args.rounds, include_compile=not args.no_compile,
                                include_fp8=args.fp8, include_reference=args.reference, progress=say)
-        print_table(f"bench layer — {env['cpu']}, {env['threads']} threads, torch {env['torch']}", rows,
-                    ["shape", "candidate", "median_ms", "vs_bf16", "vs_fp32", "vs_torch_ao", "rel_err",
-                     "weight_bytes"])
+        title = f"bench layer — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+        columns = ["shape", "candidate", "median_ms", "vs_bf16", "vs_fp32", "vs_torch_ao", "rel_err", "weight_bytes"]
     elif args.level == "block":
         from segquant_core.bench.block import run_block_bench
 
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
                                progress=say)
-        print_table(f"bench block — {env['cpu']}, {env['threads']} threads", rows,
-                    ["case", "candidate", "median_ms", "vs_bf16", "rel_err"])
+        title = f"bench block — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+        columns = ["case", "candidate", "median_ms", "vs_bf16", "rel_err"]
     elif args.level == "pipeline":
         from segquant_cli.models import load_pipeline
         from segquant_core.bench.pipeline import run_pipeline_bench
@@ -98,14 +97,16 @@ def run(args: argparse.Namespace) -> int:
         rows = run_pipeline_bench(lambda: load_pipeline(args.model), variants, prompts[:16], prompt=prompt,
                                   batch=args.batch, steps=args.steps, rounds=args.rounds, memory_cmd=memory_cmd,
                                   progress=say)
-        print_table(f"bench pipeline — {args.model}, {env['cpu']}, {env['threads']} threads", rows,
-                    ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"])
+        title = f"bench pipeline — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+        columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"]
     else:  # memory-probe: the subprocess side of --memory
         from segquant_cli.models import load_pipeline
         from segquant_core.bench.pipeline import memory_probe
 
         memory_probe(lambda: load_pipeline(args.model), args.spec)
         return 0
+    print_table(title, rows, columns)
     path = write_json(Path(args.json), args.level, env, rows, command)
-    print(f"wrote {path}")
+    md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)
+    print(f"wrote {path} and {md}")
     return 0

@@ -1,4 +1,4 @@
-"""Print benchmark rows as a table and write them (with the environment) as JSON."""
+"""Print benchmark rows as a table and write them (with the environment) as JSON and as a Markdown table."""
 
 from __future__ import annotations
 
@@ -34,4 +34,20 @@ def write_json(path: str | Path, level: str, env: dict[str, Any], rows: list[dic
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps({"level": level, "command": command, "environment": env, "rows": rows}, indent=2) + "\n")
+    return p
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """The rows as a GitHub Markdown table (same cell formatting as the printed table)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str | Path, title: str, rows: list[dict[str, Any]], columns: list[str],
+                   command: str) -> Path:
+    """``title``, the exact command, and the table — ready to paste into docs/benchmarks.md."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(f"**{title}**\n\n`{command}`\n\n" + markdown_table(rows, columns))
     return p
