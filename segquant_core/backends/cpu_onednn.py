@@ -59,7 +59,9 @@ _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 
 
 def fbgemm_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, _FBGEMM_OP)
+    # torch has deprecated quantized tensors (which packing needs); without them the rule falls back to oneDNN.
+    return ("fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, _FBGEMM_OP)
+            and hasattr(torch, "_make_per_channel_quantized_tensor"))
 
 
 def _fbgemm_pack(group: GemmGroup, bias: torch.Tensor | None = None) -> Any:
