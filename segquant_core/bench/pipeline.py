@@ -2,7 +2,10 @@
 
 Timing alternates the variants in one process (each call generates ``batch`` images with the same seeds).
 Peak memory is measured per variant in a fresh subprocess (process RSS on CPU, CUDA max allocated on GPU),
-because a process's high-water mark cannot be attributed to one of several models living in it.
+because a process's high-water mark cannot be attributed to one of several models living in it. On CPU the
+high-water mark is reset after loading and a short warm-up generation (kernel compilation, weight packing),
+so it is the steady-state peak *while generating* (weights resident plus activations): the lifetime peak
+of a small model's process is set by imports and loading, the same for every variant.
 """
 
 from __future__ import annotations
@@ -88,7 +91,9 @@ def measure_peak_memory(memory_cmd: list[str], artifact: Path | None, prompt: st
 
 def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
     """Subprocess side of :func:`measure_peak_memory`: load, apply the artifact, generate, print peak."""
-    from segquant_core.bench.timing import peak_rss_bytes
+    import gc
+
+    from segquant_core.bench.timing import current_peak_rss_bytes, reset_peak_rss
 
     spec = json.loads(spec_json)
     pipe = load_pipeline()
@@ -97,11 +102,17 @@ def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
     if spec["artifact"]:
         load_into_pipeline(spec["artifact"], pipe)
     cuda = torch.cuda.is_available() and next(denoiser_of(pipe).parameters()).is_cuda
+    with torch.no_grad():  # warm-up: one-time costs (kernel compilation, weight packing) are not serving memory
+        pipe([spec["prompt"]] * spec["batch"], num_inference_steps=2, guidance_scale=spec["guidance_scale"],
+             generator=[torch.Generator().manual_seed(i) for i in range(spec["batch"])], output_type="np")
+    gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     gens = [torch.Generator().manual_seed(i) for i in range(spec["batch"])]
     with torch.no_grad():
         pipe([spec["prompt"]] * spec["batch"], num_inference_steps=spec["steps"],
              guidance_scale=spec["guidance_scale"], generator=gens, output_type="np")
-    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if cuda else current_peak_rss_bytes()
     sys.stdout.write(json.dumps({"peak_bytes": int(peak)}) + "\n")

@@ -86,3 +86,29 @@ def peak_rss_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (Linux ``clear_refs``); False where that is not possible.
+
+    Lets a benchmark measure the peak of one phase (e.g. generation with the weights resident) instead of
+    the process-lifetime peak, which imports and model loading usually set.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_peak_rss_bytes() -> int:
+    """RSS high-water mark since the last :func:`reset_peak_rss` (``VmHWM``), else since process start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()

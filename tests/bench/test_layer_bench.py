@@ -65,3 +65,20 @@ def test_markdown_report_has_the_command_and_one_row_per_candidate(tmp_path):
     assert text[4] == "| candidate | median_ms | vs_bf16 | rel_err | weight_bytes |"
     assert text[6] == "| bf16 | 12.000 | 1.000 | – | 4,718,592 |"
     assert text[7] == "| segquant w8a8 | 6.900 | 1.739 | 0.013 | – |"
+
+
+def test_peak_rss_can_be_reset_to_measure_one_phase():
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from segquant_core.bench.timing import current_peak_rss_bytes, reset_peak_rss
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("clear_refs is Linux-only")
+    big = np.ones(40_000_000)  # 320 MB raises the high-water mark
+    del big
+    high = current_peak_rss_bytes()
+    assert reset_peak_rss()
+    assert current_peak_rss_bytes() < high - 200e6  # the 320 MB spike is no longer in the mark
