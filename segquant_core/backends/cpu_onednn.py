@@ -8,10 +8,11 @@
   rule sent K ≥ 4096 and M ≥ 2048 here (ENVIRONMENT.md); side-by-side runs with the fused epilogues
   (docs/benchmarks.md) found oneDNN as fast or faster at every SD3.5 shape, and much faster for DualScale.
 - **fbgemm** (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) for small M, e.g. the AdaLN
-  modulation (M = batch): it is fed our codes as floats with scale 1 and zero point 128, so it requantizes
-  them exactly, and its weight-streaming GEMV-like kernel has far less per-call overhead than oneDNN's
-  there (0.3 ms vs 0.5 ms at 4×1536×9216). Its packed weight is made lazily, only for groups that see a
-  small M, so large layers do not carry a second copy.
+  modulation (M = batch): its kernel has far less per-call overhead than oneDNN's there (0.3 ms vs 0.5 ms at
+  4×1536×9216). A static single-scale layer is one call that quantizes, multiplies and adds the bias;
+  other inputs (DualScale, per-token) are fed our codes as floats with scale 1 and zero point 128, which it
+  requantizes exactly. Its packed weight is made lazily, only for groups that see a small M, so large
+  layers do not carry a second copy.
 
 The rule is deterministic, so the same artifact gives bit-identical outputs in every process.
 ``SEGQUANT_CPU_GEMM=autotune`` instead times the kernels once per power-of-two bucket of M on the real
@@ -49,6 +50,7 @@ class CpuPacked:
     choice: dict[int, str] = field(default_factory=dict)
     fbgemm: Any = None  # fbgemm packed weight (with the column scales), made on first small-M call
     fbgemm_static: Any = None  # ... with the bias too, for the one-call static single-scale path
+
 
 # Rows of x (before DualScale stacking) up to which the fbgemm kernel is used. Measured on the 2-core
 # AVX-512 VNNI machine: fbgemm wins clearly at M ≤ 16 and loses to oneDNN from M ≈ 64 on.
