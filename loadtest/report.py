@@ -56,7 +56,8 @@ def write_png(path: Path, samples: list[Sample], bin_s: float | None = None) -> 
     ax2.set(xlabel="time since start (s)", ylabel="completed requests / s", title="throughput over time")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # nothing completed (e.g. server unreachable): no lines to label
+            ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
