@@ -161,7 +161,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         if act.dynamic or any(pg.group.lowrank is not None for pg in groups):
             return super().run(layer, state, x)
         kind = self._choose(groups[0].packed, x, act, groups[0].group)
-        if kind == "fbgemm" and len(groups) == 1 and not act.dual:
+        if kind == "fbgemm" and len(groups) == 1:
+            if act.dual:
+                return self._fbgemm_dual_static(groups[0], x, act, state.bias)
             return self._fbgemm_static(groups[0], x, state.bias)
         if kind != "onednn":
             return super().run(layer, state, x)
@@ -188,6 +190,22 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         packed, scale = p.fbgemm_static
         xs = x.float() if g.smooth is None else x.float() / g.smooth
         return _fbgemm(xs, packed, scale)
+
+    @staticmethod
+    def _fbgemm_dual_static(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+        """Small M, static DualScale: both halves' codes in one fbgemm call (the weight is streamed once),
+        then ``y⁺·s⁺ + y⁻·s⁻ (+ bias)`` over M rows only."""
+        p, g = pg.packed, pg.group
+        assert g.act_scale is not None
+        if p.fbgemm is None:
+            p.fbgemm = _fbgemm_pack(g)
+        sp, sn = g.act_scale.float().reshape(-1).tolist()[:2]
+        m = x.shape[0]
+        codes, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=False, as_float=True)
+        y = _fbgemm(codes, p.fbgemm)
+        out = y[:m].mul_(sp).add_(y[m:], alpha=sn)
+        return out.add_(bias) if bias is not None else out
 
     @staticmethod
     def _one_group(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None,
