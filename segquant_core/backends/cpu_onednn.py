@@ -48,6 +48,7 @@ class CpuPacked:
     w_t: torch.Tensor  # int8 [K, N] (column-major view of [N, K]) for torch._int_mm
     zero_points: torch.Tensor
     choice: dict[int, str] = field(default_factory=dict)
+    act_scales: tuple[float, ...] = ()  # static activation scale(s) as Python floats, for the fused calls
     fbgemm: Any = None  # fbgemm packed weight (with the column scales), made on first small-M call
     fbgemm_static: Any = None  # ... with the bias too, for the one-call static single-scale path
 
@@ -111,7 +112,8 @@ class OneDNNInt8Backend(GroupedGemmBackend):
     def pack(self, group: GemmGroup) -> CpuPacked:
         codes = group.codes.contiguous()
         zps = torch.zeros(codes.shape[0], dtype=torch.int64)
-        return CpuPacked(torch.ops.onednn.qlinear_prepack(codes, None), codes.t(), zps)
+        scales = tuple(group.act_scale.float().reshape(-1).tolist()) if group.act_scale is not None else ()
+        return CpuPacked(torch.ops.onednn.qlinear_prepack(codes, None), codes.t(), zps, act_scales=scales)
 
     def _choose(self, packed: CpuPacked, x: torch.Tensor, act: ActivationSpec, group: GemmGroup) -> str:
         mode = os.environ.get("SEGQUANT_CPU_GEMM", "rule")
@@ -170,7 +172,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         if len(groups) == 1:
             out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
             return self._one_group(groups[0], x, act, state.bias, out_dtype)
-        channels = getattr(state, "channels", None)
+        channels = state.channels if isinstance(state, CpuPreparedLayer) else None
         if channels is not None:
             return self._in_segments(state, channels, x)
         return super().run(layer, state, x)
@@ -185,11 +187,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         """
         p, g = pg.packed, pg.group
         if p.fbgemm_static is None:
-            assert g.act_scale is not None
-            p.fbgemm_static = (_fbgemm_pack(g, bias), float(g.act_scale.reshape(-1)[0]))
-        packed, scale = p.fbgemm_static
+            p.fbgemm_static = _fbgemm_pack(g, bias)
         xs = x.float() if g.smooth is None else x.float() / g.smooth
-        return _fbgemm(xs, packed, scale)
+        return _fbgemm(xs, p.fbgemm_static, p.act_scales[0])
 
     @staticmethod
     def _fbgemm_dual_static(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
@@ -197,10 +197,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         """Small M, static DualScale: both halves' codes in one fbgemm call (the weight is streamed once),
         then ``y⁺·s⁺ + y⁻·s⁻ (+ bias)`` over M rows only."""
         p, g = pg.packed, pg.group
-        assert g.act_scale is not None
         if p.fbgemm is None:
             p.fbgemm = _fbgemm_pack(g)
-        sp, sn = g.act_scale.float().reshape(-1).tolist()[:2]
+        sp, sn = p.act_scales[:2]
         m = x.shape[0]
         codes, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=False, as_float=True)
         y = _fbgemm(codes, p.fbgemm)
@@ -218,8 +217,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         as a third GEMM at M = 1024.
         """
         p, g = pg.packed, pg.group
-        assert g.act_scale is not None
-        scales = g.act_scale.float().reshape(-1).tolist()
+        scales = p.act_scales
         rows, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=True)
         if not act.dual:
             return torch.ops.onednn.qlinear_pointwise(rows, scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias,
@@ -248,9 +246,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             y: torch.Tensor | None = None
             for pg in state.groups:
                 p, g = pg.packed, pg.group
-                assert g.in_slice is not None and g.act_scale is not None
+                assert g.in_slice is not None
                 xk = rows[:, g.in_slice[0]:g.in_slice[1]]
-                scale = float(g.act_scale.reshape(-1)[0])
+                scale = p.act_scales[0]
                 if y is None:
                     y = torch.ops.onednn.qlinear_pointwise(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
                                                            state.bias, 1.0, 0, torch.float32, "none", [], "")

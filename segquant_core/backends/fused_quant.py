@@ -46,14 +46,6 @@ def _static_dual(x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: to
     return (codes + offset if offset else codes).to(dtype)
 
 
-def _static_channels(x: torch.Tensor, smooth: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Static single-scale codes where each input channel has its own scale (in-segments, one pass)."""
-    xf = x.float() / smooth
-    offset = 128.0 if dtype == torch.uint8 else 0.0
-    codes = torch.clamp(torch.round(xf / scales), -128.0, 127.0)
-    return (codes + offset if offset else codes).to(dtype)
-
-
 def _scale(amax: torch.Tensor, denom: float) -> torch.Tensor:
     return torch.where(amax > TINY_AMAX, amax / denom, torch.ones_like(amax))
 
@@ -99,7 +91,7 @@ def _tensor_dual(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> t
 
 
 _FLAVOURS: dict[str, Callable] = {
-    "static_single": _static_single, "static_channels": _static_channels, "static_dual": _static_dual,
+    "static_single": _static_single, "static_dual": _static_dual,
     "token_single": _token_single, "tensor_single": _tensor_single, "token_dual": _token_dual,
     "tensor_dual": _tensor_dual,
 }
@@ -183,4 +175,5 @@ def encode_channels(x: torch.Tensor, smooth: torch.Tensor, scales: torch.Tensor,
     ``smooth`` and ``scales`` are per input channel (each segment's value repeated over its channels); the
     arithmetic per element is that of :func:`encode_rows` on the segment alone, so the codes are the same.
     """
-    return _call("static_channels", x, smooth, scales, torch.uint8 if unsigned else torch.int8)  # type: ignore[return-value]
+    # the single-scale flavour broadcasts a per-channel scale vector exactly like a scalar one
+    return _call("static_single", x, smooth, scales, torch.uint8 if unsigned else torch.int8)  # type: ignore[return-value]
