@@ -264,7 +264,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    try:
+        run(parse_args(argv))
+    except (FileNotFoundError, ValueError) as e:  # bad paths or settings: one readable line, exit 2
+        sys.exit(f"segquant_shapes.train: error: {e}")
 
 
 if __name__ == "__main__":

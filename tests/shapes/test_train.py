@@ -84,3 +84,12 @@ def test_init_from_an_exported_pipeline_continues_its_weights_and_step(tmp_path:
         assert torch.equal(a, b) and torch.equal(a, c)
     with pytest.raises(FileNotFoundError, match="unet"):
         init_from_pipeline(tmp_path / "pipe", "unet", *_setup("unet")[:2])
+
+
+def test_cli_rejects_a_missing_init_from_dir_with_one_line(tmp_path: Path, capsys) -> None:
+    from segquant_shapes.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "mmdit", "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "nope"),
+              "--steps", "1"])
+    assert "--init-from" in str(exc.value.code) and "\n" not in str(exc.value.code)
