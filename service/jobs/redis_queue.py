@@ -41,6 +41,9 @@ from service.registry import VariantKey
 logger = logging.getLogger(__name__)
 
 BACKEND_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# XAUTOCLAIM calls per stream in one reclaim round (each scans at most 10 × COUNT pending entries); a longer
+# pending list is scanned on across rounds from the kept cursor.
+RECLAIM_CALLS_PER_ROUND = 256
 
 
 @contextlib.contextmanager
@@ -60,13 +63,18 @@ def _stream_id(text: str) -> tuple[int, int]:
 class RedisQueue:
     """Implements both :class:`~service.jobs.queue.JobQueue` and :class:`~service.jobs.queue.WorkerQueue`."""
 
-    def __init__(self, url: str, *, prefix: str, result_ttl_s: int, idempotency_ttl_s: int = 86400,
-                 stream_maxlen: int = 100_000) -> None:
+    def __init__(
+        self, url: str, *, prefix: str, result_ttl_s: int, idempotency_ttl_s: int = 86400, stream_maxlen: int = 100_000
+    ) -> None:
         # Retry connection errors a few times: after a Redis restart, pooled connections are stale and the first
         # command on each fails. The scripts tolerate a replay (submit is keyed by job id; finish is check-and-set).
-        self.redis = aioredis.from_url(url, decode_responses=True, socket_connect_timeout=2.0,
-                                       health_check_interval=15,
-                                       retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))
+        self.redis = aioredis.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2.0,
+            health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+        )
         self.keys = Keys(prefix)
         self.result_ttl_s = result_ttl_s
         self.idempotency_ttl_s = idempotency_ttl_s
@@ -77,7 +85,9 @@ class RedisQueue:
         self._cancel = self.redis.register_script(lua.CANCEL)
         self._release = self.redis.register_script(lua.RELEASE)
         self._refresh = self.redis.register_script(lua.REFRESH)
+        self._dead_letter = self.redis.register_script(lua.DEAD_LETTER)
         self._streams: dict[str, VariantKey] = {}
+        self._reclaim_cursor: dict[str, str] = {}  # stream → where the last XAUTOCLAIM scan stopped
 
     # ------------------------------------------------------------------ shared
     async def ping(self) -> None:
@@ -100,19 +110,37 @@ class RedisQueue:
         return VariantKey(model, variant) if model and variant else None
 
     # ------------------------------------------------------------------ API side
-    async def submit(self, job: Job, *, capacity: int, idempotency_key: str | None = None,
-                     request_hash: str = "") -> Submission:
+    async def submit(
+        self, job: Job, *, capacity: int, idempotency_key: str | None = None, request_hash: str = ""
+    ) -> Submission:
         key = VariantKey(job.params.model, job.params.variant)
         static = job.model_dump_json(include={"id", "params", "created_at", "deadline_at"})
         idem = self.keys.idempotency(idempotency_key) if idempotency_key else self.keys.idempotency("-")
         with _backend():
             out = await self._submit(
-                keys=[self.keys.job(job.id), self._key(key), self.keys.events(job.id), self.keys.queued_total(),
-                      self.keys.queued(key), idem],
-                args=[job.id, static, capacity, repr(job.created_at),
-                      "" if job.deadline_at is None else repr(job.deadline_at), self.stream_maxlen,
-                      "1" if idempotency_key else "0", request_hash, self.idempotency_ttl_s, key.model,
-                      key.variant, self.keys.job("")])
+                keys=[
+                    self.keys.job(job.id),
+                    self._key(key),
+                    self.keys.events(job.id),
+                    self.keys.queued_total(),
+                    self.keys.queued(key),
+                    idem,
+                ],
+                args=[
+                    job.id,
+                    static,
+                    capacity,
+                    repr(job.created_at),
+                    "" if job.deadline_at is None else repr(job.deadline_at),
+                    self.stream_maxlen,
+                    "1" if idempotency_key else "0",
+                    request_hash,
+                    self.idempotency_ttl_s,
+                    key.model,
+                    key.variant,
+                    self.keys.job(""),
+                ],
+            )
         if out[0] == "full":
             raise QueueFullError(int(out[1]), capacity)
         if out[0] == "exists":
@@ -134,8 +162,9 @@ class RedisQueue:
             key = await self._variant_of(job_id)
             if key is None:
                 return None, "missing"
-            out = await self._cancel(keys=[*self._job_keys(job_id, key), self._key(key)],
-                                     args=[repr(time.time()), self.result_ttl_s])
+            out = await self._cancel(
+                keys=[*self._job_keys(job_id, key), self._key(key)], args=[repr(time.time()), self.result_ttl_s]
+            )
         return await self.get(job_id), out[0]
 
     async def expire_if_late(self, job: Job, now: float) -> Job:
@@ -171,8 +200,9 @@ class RedisQueue:
             if remaining <= 0:
                 return job
             with _backend():
-                resp = await self.redis.xread({events_key: last}, count=100,
-                                              block=max(1, int(min(remaining, 5.0) * 1000)))
+                resp = await self.redis.xread(
+                    {events_key: last}, count=100, block=max(1, int(min(remaining, 5.0) * 1000))
+                )
             for entry_id, _fields in resp[0][1] if resp else []:
                 last = entry_id
 
@@ -255,8 +285,9 @@ class RedisQueue:
     async def read(self, keys: list[VariantKey], consumer: str, count: int, block_ms: int) -> list[Delivery]:
         streams = {self._key(k): ">" for k in keys}
         try:
-            resp = await self.redis.xreadgroup(GROUP, consumer, streams, count=count,
-                                               block=block_ms if block_ms > 0 else None)
+            resp = await self.redis.xreadgroup(
+                GROUP, consumer, streams, count=count, block=block_ms if block_ms > 0 else None
+            )
         except ResponseError as e:
             if "NOGROUP" not in str(e):
                 raise
@@ -264,28 +295,59 @@ class RedisQueue:
             return []
         return self._deliveries(resp)
 
-    async def reclaim(self, keys: list[VariantKey], consumer: str, min_idle_s: float,
-                      count: int) -> list[Delivery]:
+    async def reclaim(self, keys: list[VariantKey], consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
+        """Take over up to ``count`` entries idle for ``min_idle_s``, scanning each stream's whole pending list.
+
+        XAUTOCLAIM looks at no more than ``10 × COUNT`` pending entries per call, so one call from ``0-0``
+        never reaches a dead worker's entry behind many live ones. Each stream keeps the cursor where its last
+        scan stopped; a round follows it until the scan wraps (cursor ``0-0``) or ``count`` entries are taken.
+        """
         out: list[Delivery] = []
         for key in keys:
+            if len(out) >= count:
+                break
             stream = self._key(key)
             try:
-                _next, entries, _deleted = await self.redis.xautoclaim(
-                    stream, GROUP, consumer, int(min_idle_s * 1000), "0-0", count=count)
+                out += await self._reclaim_stream(stream, key, consumer, int(min_idle_s * 1000), count - len(out))
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     raise
+                self._reclaim_cursor.pop(stream, None)
                 await self.prepare([key])
-                continue
-            for entry_id, fields in entries:
-                if not fields:
-                    continue
-                info = await self.redis.xpending_range(stream, GROUP, entry_id, entry_id, 1)
-                deliveries = int(info[0]["times_delivered"]) if info else 1
-                out.append(Delivery(fields["job_id"], key, entry_id, deliveries))
-            if len(out) >= count:
-                break
         return out
+
+    async def _reclaim_stream(
+        self, stream: str, key: VariantKey, consumer: str, min_idle_ms: int, count: int
+    ) -> list[Delivery]:
+        out: list[Delivery] = []
+        cursor = self._reclaim_cursor.get(stream, "0-0")
+        for _ in range(RECLAIM_CALLS_PER_ROUND):
+            cursor, entries, *_deleted = await self.redis.xautoclaim(
+                stream, GROUP, consumer, min_idle_ms, cursor, count=count - len(out)
+            )
+            claimed = [(entry_id, fields["job_id"]) for entry_id, fields in entries if fields]
+            counts = await self._delivery_counts(stream, consumer, [entry_id for entry_id, _ in claimed])
+            out += [Delivery(job_id, key, entry_id, counts.get(entry_id, 1)) for entry_id, job_id in claimed]
+            if cursor == "0-0" or len(out) >= count:
+                break
+        self._reclaim_cursor[stream] = cursor
+        return out
+
+    async def _delivery_counts(self, stream: str, consumer: str, entry_ids: list[str]) -> dict[str, int]:
+        """Delivery counts of entries this consumer holds, from XPENDING over their id range (not one call each)."""
+        if not entry_ids:
+            return {}
+        wanted = set(entry_ids)
+        counts: dict[str, int] = {}
+        start, end = min(entry_ids, key=_stream_id), max(entry_ids, key=_stream_id)
+        while True:  # the consumer may hold other entries in the range too: page until every id is seen
+            page = await self.redis.xpending_range(
+                stream, GROUP, min=start, max=end, count=len(entry_ids) + 64, consumername=consumer
+            )
+            counts |= {p["message_id"]: int(p["times_delivered"]) for p in page if p["message_id"] in wanted}
+            if len(page) < len(entry_ids) + 64 or wanted <= counts.keys():
+                return counts
+            start = f"({page[-1]['message_id']}"
 
     async def refresh(self, deliveries: list[Delivery], consumer: str) -> set[str]:
         by_stream: dict[str, list[str]] = {}
@@ -297,17 +359,25 @@ class RedisQueue:
         return lost
 
     async def start(self, delivery: Delivery, worker_id: str) -> StartOutcome:
-        out = await self._start(keys=self._job_keys(delivery.job_id, delivery.key),
-                                args=[worker_id, repr(time.time()), delivery.entry_id, self.result_ttl_s])
+        out = await self._start(
+            keys=self._job_keys(delivery.job_id, delivery.key),
+            args=[worker_id, repr(time.time()), delivery.entry_id, self.result_ttl_s],
+        )
         job = await self.get(delivery.job_id)
         return StartOutcome(out[0], job)
 
     async def progress(self, job_id: str, step: int, total: int) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(self.keys.job(job_id), mapping={"progress_step": step, "progress_total": total,
-                                                  "heartbeat_at": repr(time.time())})
-        pipe.xadd(self.keys.events(job_id), {"type": "progress", "data": json.dumps({"step": step, "total": total})},
-                  maxlen=1000, approximate=True)
+        pipe.hset(
+            self.keys.job(job_id),
+            mapping={"progress_step": step, "progress_total": total, "heartbeat_at": repr(time.time())},
+        )
+        pipe.xadd(
+            self.keys.events(job_id),
+            {"type": "progress", "data": json.dumps({"step": step, "total": total})},
+            maxlen=1000,
+            approximate=True,
+        )
         await pipe.execute()
 
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
@@ -319,15 +389,29 @@ class RedisQueue:
         flags = await pipe.execute()
         return {j for j, f in zip(job_ids, flags) if f == "1"}
 
-    async def finish(self, job_id: str, state: JobState, *, result: JobResult | None = None,
-                     error: JobError | None = None, worker_id: str | None = None) -> bool:
+    async def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        worker_id: str | None = None,
+    ) -> bool:
         key = await self._variant_of(job_id)
         if key is None:
             return False
         written = await self._finish(
             keys=self._job_keys(job_id, key),
-            args=[state.value, repr(time.time()), result.model_dump_json() if result else "",
-                  error.model_dump_json() if error else "", self.result_ttl_s, worker_id or ""])
+            args=[
+                state.value,
+                repr(time.time()),
+                result.model_dump_json() if result else "",
+                error.model_dump_json() if error else "",
+                self.result_ttl_s,
+                worker_id or "",
+            ],
+        )
         return bool(written)
 
     async def ack(self, delivery: Delivery) -> None:
@@ -335,22 +419,40 @@ class RedisQueue:
 
     async def release(self, delivery: Delivery, worker_id: str) -> None:
         key = delivery.key
-        out = await self._release(keys=[self.keys.job(delivery.job_id), self._key(key),
-                                        self.keys.events(delivery.job_id), self.keys.queued_total(),
-                                        self.keys.queued(key)],
-                                  args=[worker_id, delivery.entry_id, self.stream_maxlen, delivery.job_id])
+        out = await self._release(
+            keys=[
+                self.keys.job(delivery.job_id),
+                self._key(key),
+                self.keys.events(delivery.job_id),
+                self.keys.queued_total(),
+                self.keys.queued(key),
+            ],
+            args=[worker_id, delivery.entry_id, self.stream_maxlen, delivery.job_id],
+        )
         if out[0] != "not_owner":  # another worker took the job over: its pending entry is not ours to ack
             await self.ack(delivery)
 
     async def dead_letter(self, delivery: Delivery, message: str) -> bool:
-        await self.redis.xadd(self.keys.dlq(), {
-            "job_id": delivery.job_id, "model": delivery.key.model, "variant": delivery.key.variant,
-            "entry_id": delivery.entry_id, "deliveries": delivery.deliveries, "reason": message,
-            "at": repr(time.time())}, maxlen=self.stream_maxlen, approximate=True)
-        written = await self.finish(delivery.job_id, JobState.FAILED,
-                                    error=JobError(reason="worker_lost", message=message))
-        await self.ack(delivery)
-        return written
+        """Record the entry in the dead-letter stream, fail the job and acknowledge the entry, in one script."""
+        key = delivery.key
+        error = JobError(reason="worker_lost", message=message).model_dump_json()
+        written = await self._dead_letter(
+            keys=[*self._job_keys(delivery.job_id, key), self._key(key), self.keys.dlq()],
+            args=[
+                GROUP,
+                delivery.entry_id,
+                delivery.job_id,
+                key.model,
+                key.variant,
+                delivery.deliveries,
+                message,
+                repr(time.time()),
+                error,
+                self.result_ttl_s,
+                self.stream_maxlen,
+            ],
+        )
+        return bool(written)
 
     async def record_stats(self, key: VariantKey, records: list[StatsRecord]) -> None:
         if not records:

@@ -20,12 +20,29 @@ end
 local function event(events_key, kind, data)
   return redis.call("XADD", events_key, "MAXLEN", "~", "1000", "*", "type", kind, "data", data)
 end
+-- queued|running → a terminal state, once; returns 1 when this call wrote it
+local function finish(job_key, events_key, total_key, variant_key, new_state, now, result, err, ttl, worker)
+  local state = redis.call("HGET", job_key, "state")
+  if state ~= "queued" and state ~= "running" then return 0 end
+  leave_queued(state, total_key, variant_key)
+  redis.call("HSET", job_key, "state", new_state, "finished_at", now)
+  if result ~= "" then redis.call("HSET", job_key, "result", result) end
+  if err ~= "" then redis.call("HSET", job_key, "error", err) end
+  if worker ~= "" then redis.call("HSET", job_key, "worker_id", worker) end
+  redis.call("HINCRBY", job_key, "completions", 1)
+  event(events_key, new_state, "{}")
+  redis.call("EXPIRE", job_key, ttl)
+  redis.call("EXPIRE", events_key, ttl)
+  return 1
+end
 """
 
 # KEYS: job, stream, events, queued_total, queued_variant, idempotency (may be unused)
 # ARGV: job_id, static_json, capacity, now, deadline|"", stream_maxlen, use_idem, request_hash, idem_ttl,
 #       model, variant, job_key_prefix
-SUBMIT = _COMMON + """
+SUBMIT = (
+    _COMMON
+    + """
 if redis.call("EXISTS", KEYS[1]) == 1 then  -- a replayed call (client retry): it already happened
   return {"ok", redis.call("HGET", KEYS[1], "entry_id") or ""}
 end
@@ -52,10 +69,13 @@ if ARGV[7] == "1" then
 end
 return {"ok", entry}
 """
+)
 
 # KEYS: job, events, queued_total, queued_variant
 # ARGV: worker_id, now, entry_id, ttl
-START = _COMMON + """
+START = (
+    _COMMON
+    + """
 local f = redis.call("HMGET", KEYS[1], "state", "entry_id", "cancel_requested", "deadline_at")
 local state = f[1]
 if not state then return {"missing"} end
@@ -85,28 +105,37 @@ local attempts = redis.call("HINCRBY", KEYS[1], "attempts", 1)
 event(KEYS[2], "started", cjson.encode({worker_id = ARGV[1], attempt = attempts}))
 return {"started", tostring(attempts)}
 """
+)
 
 # KEYS: job, events, queued_total, queued_variant
 # ARGV: new_state, now, result_json|"", error_json|"", ttl, worker_id|""
-FINISH = _COMMON + """
-local state = redis.call("HGET", KEYS[1], "state")
-if not state then return 0 end
-if state ~= "queued" and state ~= "running" then return 0 end
-leave_queued(state, KEYS[3], KEYS[4])
-redis.call("HSET", KEYS[1], "state", ARGV[1], "finished_at", ARGV[2])
-if ARGV[3] ~= "" then redis.call("HSET", KEYS[1], "result", ARGV[3]) end
-if ARGV[4] ~= "" then redis.call("HSET", KEYS[1], "error", ARGV[4]) end
-if ARGV[6] ~= "" then redis.call("HSET", KEYS[1], "worker_id", ARGV[6]) end
-redis.call("HINCRBY", KEYS[1], "completions", 1)
-event(KEYS[2], ARGV[1], "{}")
-redis.call("EXPIRE", KEYS[1], ARGV[5])
-redis.call("EXPIRE", KEYS[2], ARGV[5])
-return 1
+FINISH = (
+    _COMMON
+    + """
+return finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 """
+)
+
+# KEYS: job, events, queued_total, queued_variant, stream, dlq
+# ARGV: group, entry_id, job_id, model, variant, deliveries, reason, now, error_json, ttl, dlq_maxlen
+# Dead-lettering in one step: the DLQ record, the job's failure and the acknowledgement happen together or not
+# at all (a crash between them would leave a failed job pending, or a pending job already in the DLQ).
+DEAD_LETTER = (
+    _COMMON
+    + """
+redis.call("XADD", KEYS[6], "MAXLEN", "~", ARGV[11], "*", "job_id", ARGV[3], "model", ARGV[4],
+           "variant", ARGV[5], "entry_id", ARGV[2], "deliveries", ARGV[6], "reason", ARGV[7], "at", ARGV[8])
+local written = finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], "failed", ARGV[8], "", ARGV[9], ARGV[10], "")
+redis.call("XACK", KEYS[5], ARGV[1], ARGV[2])
+return written
+"""
+)
 
 # KEYS: job, events, queued_total, queued_variant, stream
 # ARGV: now, ttl
-CANCEL = _COMMON + """
+CANCEL = (
+    _COMMON
+    + """
 local f = redis.call("HMGET", KEYS[1], "state", "entry_id")
 local state = f[1]
 if not state then return {"missing"} end
@@ -130,10 +159,13 @@ if state == "running" then
 end
 return {"terminal", state}
 """
+)
 
 # KEYS: job, stream, events, queued_total, queued_variant
 # ARGV: worker_id, old_entry_id, stream_maxlen, job_id
-RELEASE = _COMMON + """
+RELEASE = (
+    _COMMON
+    + """
 local f = redis.call("HMGET", KEYS[1], "state", "worker_id", "entry_id")
 local state = f[1]
 if not state then return {"missing"} end
@@ -152,6 +184,7 @@ redis.call("HSET", KEYS[1], "entry_id", entry)
 event(KEYS[3], "requeued", "{}")
 return {"requeued", entry}
 """
+)
 
 # KEYS: stream.  ARGV: group, consumer, entry ids...
 # Resets the idle time of entries this consumer still owns (XCLAIM JUSTID does not count a delivery);

@@ -135,12 +135,19 @@ async def test_survives_a_redis_restart(tmp_path: Path) -> None:
 async def test_drain_hands_a_running_job_back(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
     """SIGTERM-style shutdown with no drain time: the running job goes back to the queue, and the next
     worker runs it (nothing lost)."""
-    settings = make_settings(tmp_path, redis_url=redis_url, key_prefix=key_prefix, embedded_worker=True,
-                             worker={"drain_timeout_s": 0}, debug_hooks=True)
+    settings = make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        embedded_worker=True,
+        worker={"drain_timeout_s": 0},
+        debug_hooks=True,
+    )
     async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
         await wait_ready(c)
-        job_id = (await c.post("/jobs", json={"prompt": "long", "num_inference_steps": 20,
-                                              "debug": {"step_delay_s": 0.05}})).json()["id"]
+        job_id = (
+            await c.post("/jobs", json={"prompt": "long", "num_inference_steps": 20, "debug": {"step_delay_s": 0.05}})
+        ).json()["id"]
         await wait_state(c, job_id, {"running"})
     q = RedisQueue(redis_url, prefix=key_prefix, result_ttl_s=60)
     handed_back = await q.get(job_id)
@@ -159,11 +166,18 @@ async def _until(events: AsyncIterator[JobEvent], kind: str) -> AsyncIterator[Jo
             return
 
 
-async def test_jobs_route_only_to_workers_serving_their_variant(tmp_path: Path, redis_url: str,
-                                                                key_prefix: str) -> None:
+async def test_jobs_route_only_to_workers_serving_their_variant(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
     quant = {"name": "w8", "recipe": "w8a8-segquant"}
-    settings = make_settings(tmp_path, models=tiny_models("fp", quant), redis_url=redis_url, key_prefix=key_prefix,
-                             embedded_worker=True, worker={"variants": ["tiny:fp"]})
+    settings = make_settings(
+        tmp_path,
+        models=tiny_models("fp", quant),
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        embedded_worker=True,
+        worker={"variants": ["tiny:fp"]},
+    )
     async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
         await wait_ready(c)
         waiting = (await c.post("/jobs", json={"prompt": "x", "variant": "w8"})).json()["id"]
@@ -176,3 +190,52 @@ async def test_jobs_route_only_to_workers_serving_their_variant(tmp_path: Path, 
         w8 = next(v for v in (await c.get("/models")).json()["data"][0]["variants"] if v["name"] == "w8")
         assert w8["state"] == "not_built" and w8["workers_loaded"] == 0
         await c.delete(f"/jobs/{waiting}")
+
+
+async def test_a_dead_workers_entry_behind_many_live_ones_is_reclaimed(redis_url: str, key_prefix: str) -> None:
+    """150 pending entries held by live, heartbeating workers, then one of a dead worker: XAUTOCLAIM scans at
+    most 10 × COUNT entries per call, so reclaim must follow its cursor to reach the dead one."""
+    idle_s, count = 0.5, 4
+    q = RedisQueue(redis_url, prefix=key_prefix, result_ttl_s=60)
+    await q.prepare([KEY])
+    for _ in range(151):
+        await q.submit(make_job(), capacity=1000)
+    held = {f"live-{i}": await q.read([KEY], f"live-{i}", 15, 0) for i in range(10)}
+    [dead] = await q.read([KEY], "dead", 1, 0)
+    assert sum(len(v) for v in held.values()) == 150
+
+    async def heartbeat() -> None:
+        while True:
+            for consumer, deliveries in held.items():
+                assert await q.refresh(deliveries, consumer) == set()
+            await asyncio.sleep(idle_s / 5)
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        await asyncio.sleep(idle_s + 0.1)
+        rounds = [await q.reclaim([KEY], "rescuer", min_idle_s=idle_s, count=count) for _ in range(2)]
+    finally:
+        beating.cancel()
+    reclaimed = [d for r in rounds for d in r]
+    assert [(d.job_id, d.entry_id, d.deliveries) for d in reclaimed] == [(dead.job_id, dead.entry_id, 2)]
+    pending = await q.redis.xpending_range(Keys(key_prefix).stream(KEY), GROUP, "-", "+", 200)
+    assert sorted({p["consumer"] for p in pending}) == sorted([*held, "rescuer"])
+    await q.close()
+
+
+async def test_delivery_counts_come_from_one_range_and_skip_other_held_entries(redis_url: str, key_prefix: str) -> None:
+    """The rescuer already holds entries between the ones it reclaims: their counts must not leak in."""
+    q = RedisQueue(redis_url, prefix=key_prefix, result_ttl_s=60)
+    await q.prepare([KEY])
+    for _ in range(5):
+        await q.submit(make_job(), capacity=10)
+    [a] = await q.read([KEY], "dead", 1, 0)
+    [mine] = await q.read([KEY], "rescuer", 1, 0)
+    [b] = await q.read([KEY], "dead", 1, 0)
+    await asyncio.sleep(0.25)
+    assert await q.refresh([mine], "rescuer") == set()
+    got = await q.reclaim([KEY], "rescuer", min_idle_s=0.2, count=10)
+    assert [(d.entry_id, d.deliveries) for d in got] == [(a.entry_id, 2), (b.entry_id, 2)]
+    again = await q.reclaim([KEY], "other", min_idle_s=0.0, count=10)
+    assert {d.entry_id: d.deliveries for d in again} == {a.entry_id: 3, mine.entry_id: 2, b.entry_id: 3}
+    await q.close()
