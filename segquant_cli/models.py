@@ -2,7 +2,9 @@
 
 A *pipeline* directory has ``model_index.json``; a *model* directory has ``config.json`` with a diffusers
 ``_class_name``. Pipeline classes are looked up in diffusers first, then among this project's own
-pipelines (``segquant_shapes``), so the shipped models load like any other.
+pipelines (``segquant_shapes``), so the shipped models load like any other. Components saved as null (SD3
+without T5) are passed back as ``None``, ``drop`` leaves optional ones out on purpose, and weights come
+from safetensors only (:mod:`service.pipeline_folder`).
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def is_pipeline_dir(path: Path) -> bool:
     return (path / "model_index.json").is_file()
 
 
-def load_pipeline(path: str | Path, **kwargs: Any) -> Any:
-    """A pipeline from a directory, ``shipped:<name>`` (the project's own models) or a hub id."""
+def load_pipeline(path: str | Path, drop: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """A pipeline from a directory, ``shipped:<name>`` (the project's own models) or a hub id.
+
+    ``drop`` names optional components to load as ``None`` (a dropped text encoder takes its tokenizer).
+    """
+    from service.pipeline_folder import expand_drop, load_pipeline_folder, read_model_index
+
     if str(path).startswith("shipped:"):
         try:
             from segquant_shapes import load_shipped
@@ -56,18 +63,26 @@ def load_pipeline(path: str | Path, **kwargs: Any) -> Any:
         if "/" in str(path) and not str(path).startswith((".", "/")):
             from diffusers import DiffusionPipeline
 
+            gone = {name: None for name in drop}
+            gone.update({"tokenizer" + n.removeprefix("text_encoder"): None for n in drop
+                         if n.startswith("text_encoder")})
             try:
-                return DiffusionPipeline.from_pretrained(str(path), **kwargs)
+                return DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **gone, **kwargs)
             except Exception as e:  # network / hub errors come in many types
                 raise CLIError(f"could not load {path!r} from the hub: {e}") from None
         raise CLIError(f"{path}: no such directory")
     if not is_pipeline_dir(p):
         raise CLIError(f"{path}: not a diffusers pipeline directory (no model_index.json)")
-    name = json.loads((p / "model_index.json").read_text()).get("_class_name", "")
-    return pipeline_class(name).from_pretrained(str(p), **kwargs)
+    index = read_model_index(p)
+    try:
+        expand_drop(index, drop)
+    except ValueError as e:
+        raise CLIError(f"--drop-components: {e}") from None
+    return load_pipeline_folder(p, pipeline_class(index.get("_class_name", "")), drop=drop, **kwargs)
 
 
-def load_denoiser(path: str | Path, component: str | None = None) -> tuple[Any, Any | None]:
+def load_denoiser(path: str | Path, component: str | None = None,
+                  drop: tuple[str, ...] = ()) -> tuple[Any, Any | None]:
     """``(denoiser, pipeline or None)`` from a pipeline dir, a model dir or a hub id."""
     from torch import nn  # imported here so `segquant serve/worker --help` start without torch
     p = Path(path)
@@ -79,8 +94,8 @@ def load_denoiser(path: str | Path, component: str | None = None) -> tuple[Any, 
         cls = _diffusers_class(name or "")
         if cls is None:
             raise CLIError(f"{path}: config.json names {name!r}, which is not a diffusers model class")
-        return cls.from_pretrained(str(p)), None
-    pipe = load_pipeline(path)
+        return cls.from_pretrained(str(p), use_safetensors=True), None
+    pipe = load_pipeline(path, drop)
     names = [component] if component else list(DENOISER_COMPONENTS)
     for name in names:
         module = getattr(pipe, name, None)

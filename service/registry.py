@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.pipeline_folder import active_components, expand_drop
 
 EVAL_REPORT_FILE = "eval.json"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -72,7 +75,9 @@ class CalibrationSpec(BaseModel):
     samples: int = Field(256, ge=1, description="recorded denoiser calls (per-segment static scales need coverage)")
     num_inference_steps: int = Field(20, ge=1)
     steps_per_prompt: int = Field(4, ge=1)
-    guidance_scale: float | None = None
+    guidance_scale: float | None = Field(None, description="default: the model's defaults.guidance_scale")
+    height: int | None = Field(None, ge=1, description="default: the model's default size")
+    width: int | None = Field(None, ge=1, description="default: the model's default size")
     seed: int = 0
     prompts_file: Path | None = None
 
@@ -81,6 +86,24 @@ class CalibrationSpec(BaseModel):
         if self.steps_per_prompt > self.num_inference_steps:
             raise ValueError("calibration.steps_per_prompt must not exceed calibration.num_inference_steps")
         return self
+
+
+@dataclass(frozen=True)
+class CalibrationConditions:
+    """Where a variant is calibrated: the serving size and guidance unless the variant says otherwise."""
+
+    height: int
+    width: int
+    num_inference_steps: int
+    guidance_scale: float
+
+    @property
+    def call_kwargs(self) -> dict[str, Any]:
+        """Extra pipeline-call arguments for ``quantize_pipeline(..., call_kwargs=...)``."""
+        return {"height": self.height, "width": self.width}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 class VariantSpec(BaseModel):
@@ -104,15 +127,39 @@ class GenerationDefaults(BaseModel):
     guidance_scale: float = Field(3.0, ge=0)
 
 
+class EvalSpec(BaseModel):
+    """Fidelity measured right after a worker builds a variant: ``prompts`` × ``seeds`` images against ``fp``."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompts: int = Field(8, ge=0, description="evaluation prompts, disjoint from calibration; 0 = no evaluation")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    num_inference_steps: int | None = Field(None, ge=1, description="default: the model's default steps")
+    prompts_file: Path | None = None
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
     source: str = Field(min_length=1)
     description: str = ""
     default_variant: str | None = None
-    sizes: SizeRule | None = Field(None, description="derived from the denoiser config when omitted")
+    sizes: SizeRule | None = Field(None, description="derived from the pipeline's configs; given fields win")
+    drop_components: list[str] = Field(default_factory=list,
+                                       description="optional components loaded as None, e.g. [text_encoder_3]")
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    build_on_demand: bool = Field(True, description="a job for an unbuilt variant starts its build (else: 409)")
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     variants: list[VariantSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_sizes(cls, data: Any) -> Any:
+        """``sizes: {default: 512}`` keeps the derived step and bounds and changes only the default."""
+        if isinstance(data, dict) and isinstance(data.get("sizes"), dict) and isinstance(data.get("source"), str):
+            given = data["sizes"]
+            if set(SizeRule.model_fields) - set(given):
+                data = {**data, "sizes": {**derive_size_rule(data["source"]).model_dump(), **given}}
+        return data
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -133,7 +180,27 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name!r}: default_variant {self.default_variant!r} is not one of {names}")
         if self.sizes is None:
             self.sizes = derive_size_rule(self.source)
+        folder = source_pipeline_dir(self.source)
+        if self.drop_components and folder is not None and (folder / "model_index.json").is_file():
+            try:
+                expand_drop(json.loads((folder / "model_index.json").read_text()), self.drop_components)
+            except ValueError as e:
+                raise ValueError(f"model {self.name!r}: drop_components: {e}") from None
         return self
+
+    def calibration_conditions(self, variant: VariantSpec) -> CalibrationConditions:
+        """The size, steps and guidance ``variant`` is calibrated at: its own settings, else the serving defaults."""
+        cal, size = variant.calibration, self.size_rule.default
+        return CalibrationConditions(
+            height=cal.height or size, width=cal.width or size, num_inference_steps=cal.num_inference_steps,
+            guidance_scale=cal.guidance_scale if cal.guidance_scale is not None else self.defaults.guidance_scale)
+
+    def components(self) -> list[str] | None:
+        """The pipeline components this model runs with (saved, not null, not dropped); None when unknown."""
+        folder = source_pipeline_dir(self.source)
+        if folder is None or not (folder / "model_index.json").is_file():
+            return None
+        return active_components(json.loads((folder / "model_index.json").read_text()), self.drop_components)
 
     def variant(self, name: str | None) -> VariantSpec:
         wanted = name or self.default_variant
@@ -281,40 +348,87 @@ def source_pipeline_dir(source: str) -> Path | None:
     return path if path.exists() else None
 
 
-def _denoiser_config(source: str) -> tuple[dict[str, Any] | None, bool]:
-    """(denoiser config.json, pixel space?) of a source, read from disk; (None, False) when unknown."""
+@dataclass(frozen=True)
+class _SourceConfigs:
+    """What the size rule reads from a source's folder: pipeline class and the denoiser's and VAE's configs."""
+
+    pipeline_class: str
+    denoiser: dict[str, Any]
+    vae: dict[str, Any] | None  # None: pixel space (no VAE)
+
+
+def _source_configs(source: str) -> _SourceConfigs | None:
+    """The configs of a source, read from disk (no torch); None when unknown."""
     if source.startswith("tiny:"):
         from segquant_shapes.models import PRESETS
 
         kind = source.split(":")[1]
-        return dict(PRESETS[f"{kind}-tiny"]), True
+        return _SourceConfigs("Shapes", dict(PRESETS[f"{kind}-tiny"]), None)
     folder = source_pipeline_dir(source)
     if folder is not None:
+        index_file = folder / "model_index.json"
+        index = json.loads(index_file.read_text()) if index_file.is_file() else {}
+        vae_file = folder / "vae" / "config.json"
+        vae = json.loads(vae_file.read_text()) if vae_file.is_file() else None
         for component in ("transformer", "unet"):
             cfg = folder / component / "config.json"
             if cfg.is_file():
-                return json.loads(cfg.read_text()), not (folder / "vae").exists()
+                return _SourceConfigs(str(index.get("_class_name", "")), json.loads(cfg.read_text()), vae)
     if source.startswith("shipped:"):  # weights not on this machine (e.g. an API-only host): the preset
         from segquant_shapes.models import PRESETS
 
         preset = PRESETS.get(source.split(":", 1)[1])
-        return (dict(preset), True) if preset else (None, False)
-    return None, False
+        return _SourceConfigs("Shapes", dict(preset), None) if preset else None
+    return None
+
+
+def vae_scale_factor(vae: dict[str, Any] | None) -> int:
+    """Pixels per latent cell: ``2 ** (len(block_out_channels) - 1)``, as diffusers pipelines compute it."""
+    if vae is None:
+        return 1
+    blocks = vae.get("block_out_channels") or [0, 0, 0, 0]
+    return 2 ** (len(blocks) - 1)
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // math.gcd(a, b)
 
 
 def derive_size_rule(source: str) -> SizeRule:
-    """Sizes a denoiser accepts, from its config: DiT patch × position-table size, or UNet multiples of 8."""
-    cfg, pixel_space = _denoiser_config(source)
-    if cfg is None:
+    """Sizes a pipeline renders exactly, from its configs (never assumed constants).
+
+    step = VAE scale × what the denoiser needs per latent cell: the DiT patch (SD3, PixArt), Flux's 2×2
+    latent packing; UNets and the pipelines that check ``% 8`` (SDXL, PixArt) also need a multiple of 8.
+    The default is the pipeline's own default resolution (``sample_size`` × VAE scale; Flux has no
+    ``sample_size`` and defaults to 128 latent cells); the maximum is the position table of SD3-style
+    transformers, else twice (DiTs) or four times (UNets) the default.
+    """
+    found = _source_configs(source)
+    if found is None:
         return SizeRule()
-    scale = 1 if pixel_space else 8
-    default = int(cfg.get("sample_size") or 64) * scale
-    if "patch_size" in cfg:
-        step = int(cfg["patch_size"]) * scale
-        table = cfg.get("pos_embed_max_size")
-        top = step * int(table) if table else default * 2
-        return SizeRule(multiple_of=step, min=step, max=top, default=min(default, top))
-    return SizeRule(multiple_of=8, min=8, max=default * 4, default=default)
+    cfg, scale = found.denoiser, vae_scale_factor(found.vae)
+    cls = found.pipeline_class
+    flux = "Flux" in cls or "guidance_embeds" in cfg or "axes_dims_rope" in cfg
+    sample = cfg.get("sample_size")
+    latent_default = int(sample[0] if isinstance(sample, (list, tuple)) else sample or (128 if flux else 64))
+    default = latent_default * scale
+    patch = int(cfg.get("patch_size") or 1)
+    if flux:
+        step = scale * 2 * patch
+    elif "patch_size" in cfg:
+        step = scale * patch
+    else:
+        step = scale
+    unet = "patch_size" not in cfg and not flux
+    if unet or (found.vae is not None and ("PixArt" in cls or "XL" in cls)):
+        step = _lcm(step, 8)  # UNets downsample; SDXL and PixArt pipelines refuse other sizes
+    table = cfg.get("pos_embed_max_size")
+    if table:
+        top = scale * patch * int(table) // step * step
+    else:
+        top = default * (4 if unet else 2)
+    default = max(step, min(default, top) // step * step)
+    return SizeRule(multiple_of=step, min=step, max=max(top, step), default=default)
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -1,30 +1,27 @@
 """Resolve a registry ``source`` to a loaded diffusers pipeline, and pick calibration prompts for it.
 
 Sources: ``shipped:NAME`` (the project's trained models), ``tiny:KIND[:SEED]`` (random tiny weights, for
-tests and development), a local pipeline folder, or a hub id (needs network access).
+tests and development), a local pipeline folder, or a hub id (needs network access). Folders and hub ids load
+through :mod:`service.pipeline_folder`: components saved as null come back as ``None``, the registry's
+``drop_components`` are left out, and only safetensors weights are read.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.pipeline_folder import load_pipeline_folder, read_model_index
+from segquant_core.prompts import choose_prompts, fit_count
+
 logger = logging.getLogger(__name__)
 
-# Used only when a source offers no calibration prompts of its own and none are configured.
-_FALLBACK_PROMPTS = (
-    "a red circle on a white background", "a small blue square in the top left corner",
-    "a large green triangle", "a yellow star on a black background", "two purple circles",
-    "an orange square next to a blue triangle", "a photo of a cat", "a landscape with mountains",
-)
 
-
-def load_source(source: str, dtype: torch.dtype, device: str) -> Any:
+def load_source(source: str, dtype: torch.dtype, device: str, drop_components: Sequence[str] = ()) -> Any:
     """A pipeline for ``source`` in ``dtype`` on ``device``, with its progress bar off."""
     if source.startswith("shipped:"):
         import segquant_shapes
@@ -38,46 +35,46 @@ def load_source(source: str, dtype: torch.dtype, device: str) -> Any:
         if dtype != torch.float32:
             pipe = pipe.to(dtype=dtype)
     else:
-        pipe = _load_path_or_hub(source, dtype)
+        pipe = _load_path_or_hub(source, dtype, tuple(drop_components))
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _load_path_or_hub(source: str, dtype: torch.dtype) -> Any:
+def _load_path_or_hub(source: str, dtype: torch.dtype, drop: tuple[str, ...]) -> Any:
+    from diffusers import DiffusionPipeline
+
     path = Path(source).expanduser()
     if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(f"{source}: not a diffusers pipeline folder (no model_index.json)")
-        class_name = json.loads(index.read_text()).get("_class_name", "")
+        class_name = read_model_index(path).get("_class_name", "")
         if class_name.startswith("Shapes"):
             import segquant_shapes
 
             return segquant_shapes.load_pipeline(path, dtype=dtype)
-        from diffusers import DiffusionPipeline
-
-        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        return load_pipeline_folder(path, DiffusionPipeline, drop=drop, dtype=dtype)
     if source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{source}: no such pipeline folder")
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    gone = {name: None for name in drop}
+    gone.update({"tokenizer" + n.removeprefix("text_encoder"): None for n in drop if n.startswith("text_encoder")})
+    return DiffusionPipeline.from_pretrained(source, dtype=dtype, use_safetensors=True, **gone)
 
 
 def calibration_prompts(source: str, pipe: Any, count: int, prompts_file: Path | None) -> list[str]:
-    """``count`` prompts: from the configured file, the model's own calibration split, or a fallback list."""
+    """``count`` prompts: the configured file, the model's own calibration split, or the general default set.
+
+    Shapes models (``shipped:``, ``tiny:``) use their own split; any other model without prompts of its own
+    gets :func:`segquant_core.prompts.general_calibration_prompts`, never the shapes prompts. One log line
+    says which set was used.
+    """
+    given = None
     if prompts_file is not None:
-        prompts = [line.strip() for line in prompts_file.expanduser().read_text().splitlines() if line.strip()]
-        if not prompts:
+        given = [line.strip() for line in prompts_file.expanduser().read_text().splitlines() if line.strip()]
+        if not given:
             raise ValueError(f"calibration prompts file {prompts_file} is empty")
     elif source.startswith(("shipped:", "tiny:")) or type(pipe).__name__.startswith("Shapes"):
         import segquant_shapes
 
-        prompts = segquant_shapes.calibration_prompts(count)
-    elif callable(getattr(pipe, "default_calibration_prompts", None)):
-        prompts = list(pipe.default_calibration_prompts())
-    else:
-        logger.warning("no calibration prompts configured for %s; using a small generic list", source)
-        prompts = list(_FALLBACK_PROMPTS)
-    return (prompts * math.ceil(count / len(prompts)))[:count]
+        logger.info("calibration prompts for %s: the Shapes models' calibration split", source)
+        return fit_count(segquant_shapes.calibration_prompts(count), count)
+    return choose_prompts(pipe, count, given=given, purpose="calibration",
+                          log=lambda line: logger.info("%s: %s", source, line))
