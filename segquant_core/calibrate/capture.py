@@ -28,6 +28,8 @@ class CalibrationSet:
     num_inference_steps: int = 0
     guidance_scale: float | None = None
     seed: int = 0
+    height: int | None = None  # the image size calibrated at (None: the pipeline's default)
+    width: int | None = None
 
     def __len__(self) -> int:
         return len(self.calls)
@@ -44,6 +46,8 @@ class CalibrationSet:
             "steps_per_prompt": [len(s) for s in self.steps][:1] or [0],
             "recorded_steps": self.steps,
             "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
             "seed": self.seed,
         }
 
@@ -81,8 +85,10 @@ def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_step
         raise ValueError(f"steps_per_prompt must be in [1, {num_inference_steps}], got {steps_per_prompt}")
     model = denoiser_of(pipe)
     rng = random.Random(seed)
+    extra = dict(call_kwargs or {})
     result = CalibrationSet(prompts=list(prompts), num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, seed=seed)
+                            guidance_scale=guidance_scale, seed=seed, height=extra.get("height"),
+                            width=extra.get("width"))
     state = {"step": 0, "keep": set()}
 
     signature = inspect.signature(model.forward)
@@ -96,9 +102,12 @@ def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_step
         state["step"] += 1
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
-    extra = dict(call_kwargs or {})
     if guidance_scale is not None:
         extra["guidance_scale"] = guidance_scale
+    # The pipeline's own per-call progress bar would print once per prompt; ours counts prompts instead.
+    bar_config = getattr(pipe, "_progress_bar_config", None)
+    if callable(getattr(pipe, "set_progress_bar_config", None)):
+        pipe.set_progress_bar_config(disable=True)
     try:
         for i, prompt in enumerate(tqdm(prompts, desc="calibration prompts", disable=not progress)):
             keep = sorted(rng.sample(range(num_inference_steps), steps_per_prompt))
@@ -109,6 +118,8 @@ def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_step
                 pipe(prompt, num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **extra)
     finally:
         handle.remove()
+        if hasattr(pipe, "_progress_bar_config"):
+            pipe._progress_bar_config = bar_config if bar_config is not None else {}
     return result
 
 
