@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
+from segquant_cli.commands.quantize import calibration_size, drop_list
 from segquant_cli.errors import CLIError
 from segquant_cli.models import load_pipeline
 
@@ -24,7 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps-per-prompt", type=int, default=4)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3.0)")
+    p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3.0, as the service)")
+    p.add_argument("--height", type=int, help="image height (default: the model's default size)")
+    p.add_argument("--width", type=int, help="image width (default: the model's default size)")
+    p.add_argument("--drop-components", default="",
+                   help="comma-separated optional components to load as None, e.g. text_encoder_3")
     p.add_argument("--artifacts", help="cache quantized variants here and reuse them")
     p.add_argument("--out", required=True, help="report directory (report.json, report.md, grid.png)")
     p.set_defaults(run=run)
@@ -38,11 +42,6 @@ def _lines(path: str) -> list[str]:
     if not out:
         raise CLIError(f"{path}: no prompts in it")
     return out
-
-
-def _default(pipe: Any, attr: str, *args: Any) -> list[str] | None:
-    fn = getattr(pipe, attr, None)
-    return list(fn(*args)) if callable(fn) else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,20 +58,28 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--variants and --seeds must not be empty")
     if args.calib_samples < 1 or args.steps < 1:
         raise CLIError("--calib-samples and --steps must be ≥ 1")
-    pipe = load_pipeline(args.model_dir)
-    prompts = _lines(args.prompts) if args.prompts else _default(pipe, "default_eval_prompts", args.num_prompts)
-    if not prompts:
-        raise CLIError("this pipeline has no default evaluation prompts; pass --prompts FILE")
+    if args.num_prompts < 1:
+        raise CLIError("--num-prompts must be ≥ 1")
+    from segquant_core.prompts import choose_prompts
+
+    drop = drop_list(args.drop_components)
+    size = calibration_size(args.model_dir, args.height, args.width)
+    pipe = load_pipeline(args.model_dir, drop)
+
+    def say(line: str) -> None:
+        print(f"segquant: {line}")
+
+    given = _lines(args.prompts) if args.prompts else None
+    prompts = choose_prompts(pipe, len(given) if given else args.num_prompts, given=given, purpose="evaluation",
+                             log=say)
     n_calib = math.ceil(args.calib_samples / args.steps_per_prompt)
-    calib = _lines(args.calib_prompts) if args.calib_prompts else _default(pipe, "default_calibration_prompts")
-    if not calib:
-        raise CLIError("this pipeline has no default calibration prompts; pass --calib-prompts FILE")
-    calib = (calib * math.ceil(n_calib / len(calib)))[:n_calib]
+    calib = choose_prompts(pipe, n_calib, given=_lines(args.calib_prompts) if args.calib_prompts else None,
+                           log=say)
     scorer = getattr(pipe, "adherence_scorer", None)
-    report = evaluate(lambda: load_pipeline(args.model_dir), variants, prompts, seeds,
+    report = evaluate(lambda: load_pipeline(args.model_dir, drop), variants, prompts, seeds,
                       calibration_prompts=calib, model_name=str(args.model_dir), num_inference_steps=args.steps,
                       guidance_scale=args.guidance, steps_per_prompt=args.steps_per_prompt,
-                      scorer=scorer if callable(scorer) else None, artifacts_dir=args.artifacts)
+                      scorer=scorer if callable(scorer) else None, artifacts_dir=args.artifacts, call_kwargs=size)
     paths = write_report(report, args.out)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['grid']}")

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model or source.get("path")
     if not model_path:
         raise CLIError(f"{artifact}: the manifest names no source.path; pass --model MODEL_DIR")
-    model, _ = load_denoiser(model_path, args.component or source.get("component"))
+    model, _ = load_denoiser(model_path, args.component or source.get("component"),
+                             tuple(source.get("drop_components") or ()))
     if source.get("class") and source["class"] != type(model).__name__:
         raise CLIError(f"{artifact} was made for a {source['class']}, but {model_path} holds a "
                        f"{type(model).__name__}")

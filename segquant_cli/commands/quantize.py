@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from segquant_cli.errors import CLIError
-from segquant_cli.models import load_denoiser
+from segquant_cli.models import DENOISER_COMPONENTS, load_denoiser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps per calibration prompt (default 20)")
     p.add_argument("--steps-per-prompt", type=int, default=4, help="recorded steps per prompt (default 4)")
-    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-scale", "--guidance", type=float, default=None,
+                   help="guidance while calibrating (default: the pipeline's own default)")
+    p.add_argument("--height", type=int, help="image height to calibrate at (default: the model's default size)")
+    p.add_argument("--width", type=int, help="image width to calibrate at (default: the model's default size)")
+    p.add_argument("--drop-components", default="",
+                   help="comma-separated optional components to load as None, e.g. text_encoder_3 (SD3 without T5)")
     p.add_argument("--overrides", help="JSON file: {\"excludes\": [globs], \"overrides\": [{\"pattern\": …}]}")
     p.add_argument("--plan", help="JSON plan file (as printed by `segquant plan --json`), possibly edited")
     p.add_argument("--seed", type=int, default=0)
@@ -33,20 +37,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _read_prompts(path: str | None, pipe: Any) -> list[str]:
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise CLIError(f"--prompts: {path}: no such file")
-        prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise CLIError(f"--prompts: {path} has no prompts")
-        return prompts
-    provider = getattr(pipe, "default_calibration_prompts", None)
-    if callable(provider):
-        return list(provider())
-    text = resources.files("segquant_cli").joinpath("data/calibration_prompts.txt").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def _read_prompts(path: str | None) -> list[str] | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--prompts: {path}: no such file")
+    prompts = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise CLIError(f"--prompts: {path} has no prompts")
+    return prompts
+
+
+def calibration_size(model_dir: str, height: int | None, width: int | None) -> dict[str, int]:
+    """``{"height", "width"}`` to calibrate at: the flags, else the size the service would serve by default."""
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be ≥ 1")
+    if height is not None and width is not None:
+        return {"height": height, "width": width}
+    from service.registry import derive_size_rule
+
+    default = derive_size_rule(str(model_dir)).default
+    return {"height": height or default, "width": width or default}
+
+
+def drop_list(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def denoiser_component(pipe: Any, model: Any, given: str | None) -> str:
+    """The pipeline attribute that holds ``model`` (``transformer`` for a bare DiT folder, never a guess)."""
+    if given:
+        return given
+    for name in DENOISER_COMPONENTS:
+        if pipe is not None and getattr(pipe, name, None) is model:
+            return name
+    return "unet" if type(model).__name__.startswith("UNet") else "transformer"
 
 
 def _apply_overrides(recipe: Any, path: str | None) -> Any:
@@ -77,20 +104,25 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--steps-per-prompt must be between 1 and --steps ({args.steps})")
     recipe = _apply_overrides(sq.recipe(args.recipe), args.overrides)
     plan = sq.Plan.load(args.plan) if args.plan else None
-    model, pipe = load_denoiser(args.model_dir, args.component)
+    model, pipe = load_denoiser(args.model_dir, args.component, drop_list(args.drop_components))
     if pipe is not None:
-        prompts = _read_prompts(args.prompts, pipe)
+        from segquant_core.prompts import choose_prompts
+
         n_prompts = math.ceil(args.calib_samples / args.steps_per_prompt)
-        prompts = (prompts * math.ceil(n_prompts / len(prompts)))[:n_prompts]
+        prompts = choose_prompts(pipe, n_prompts, given=_read_prompts(args.prompts),
+                                 log=lambda line: print(f"segquant: {line}"))
+        size = calibration_size(args.model_dir, args.height, args.width)
         calib = sq.capture_calibration(pipe, prompts, num_inference_steps=args.steps,
-                                       steps_per_prompt=args.steps_per_prompt,
+                                       steps_per_prompt=args.steps_per_prompt, call_kwargs=size,
                                        guidance_scale=args.guidance_scale, seed=args.seed)
     else:
         print("segquant: warning: no pipeline around this model; calibrating on random example inputs")
         calib = sq.CalibrationSet(calls=[example_inputs_for(model) for _ in range(args.calib_samples)])
     result = sq.quantize(model, recipe, calib, plan, backend=args.backend, seed=args.seed)
     source = {"path": str(Path(args.model_dir).resolve()) if Path(args.model_dir).exists() else args.model_dir,
-              "component": args.component or ("transformer" if hasattr(pipe, "transformer") else "unet")}
+              "component": denoiser_component(pipe, model, args.component)}
+    if args.drop_components:
+        source["drop_components"] = list(drop_list(args.drop_components))
     sq.save(model, args.out, source=source)
     _print_summary(result.summary(), args.out)
     return 0

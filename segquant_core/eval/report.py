@@ -6,8 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from segquant_core.eval.grid import MAX_ROWS, MAX_SIDE, sheet
 from segquant_core.eval.runner import EvalReport
 
 
@@ -33,26 +34,19 @@ def markdown_table(report: EvalReport) -> str:
     lines.append(f"{len(report.eval_prompts)} evaluation prompts × {len(report.seeds)} seeds {report.seeds}; "
                  f"{len(report.calibration_prompts)} calibration prompts (disjoint), "
                  f"{report.calibration_samples} calibration samples; {report.num_inference_steps} steps, "
-                 f"guidance {report.guidance_scale}.")
+                 f"guidance {report.guidance_scale}"
+                 + (f", {report.width}×{report.height} px." if report.height and report.width else "."))
     return "\n".join(lines) + "\n"
 
 
-def grid_image(report: EvalReport, scale: int = 4, max_rows: int = 16) -> Image.Image:
-    """Rows = prompts (first seed), columns = variants, with a header row of names."""
-    names = [v.variant for v in report.variants]
+def grid_image(report: EvalReport, max_rows: int = MAX_ROWS, max_side: int = MAX_SIDE) -> Image.Image:
+    """Rows = prompts (first seed), columns = variants; small images enlarged, the sheet ≤ ``max_side`` a side."""
     seed = report.seeds[0]
-    sample = next(iter(report.generations[names[0]].images.values()))
-    w, h = sample.width * scale, sample.height * scale
-    label_h = 14
     rows = min(len(report.eval_prompts), max_rows)
-    canvas = Image.new("RGB", (w * len(names), label_h + h * rows), "white")
-    draw = ImageDraw.Draw(canvas)
-    for ci, name in enumerate(names):
-        draw.text((ci * w + 2, 1), name[: max(4, w // 6)], fill="black")
-        for ri in range(rows):
-            img = report.generations[name].images[(ri, seed)]
-            canvas.paste(img.resize((w, h), Image.NEAREST), (ci * w, label_h + ri * h))
-    return canvas
+    columns = [(v.variant, {ri: report.generations[v.variant].images[(ri, seed)] for ri in range(rows)
+                            if (ri, seed) in report.generations[v.variant].images})
+               for v in report.variants]
+    return sheet(columns, rows, max_side)
 
 
 def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:

@@ -3,7 +3,9 @@
 Each variant starts from a freshly loaded float pipeline, is calibrated on *calibration* prompts (which
 must not overlap the evaluation prompts; their denoiser inputs are captured once, from the float
 pipeline, and shared by every variant), generates the evaluation grid, and is scored against the float
-images: PSNR, SSIM, final-latent MSE and — when a scorer is given — prompt-adherence accuracy.
+images: PSNR, SSIM, final-latent MSE and — when a scorer is given — prompt-adherence accuracy. Once scored,
+a variant's images shrink to the thumbnails the grid shows (the float images once every variant is done), so
+memory stays bounded at 1024² and beyond.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image
 
 from segquant_core.api import CalibrationSet, capture_calibration, load_into_pipeline, quantize_pipeline, save
 from segquant_core.calibrate.capture import denoiser_of
+from segquant_core.eval.grid import MAX_ROWS, cell_size, fit
 from segquant_core.eval.harness import Generations, generate_grid
 from segquant_core.eval.metrics import latent_mse, mean_finite, psnr, ssim
 from segquant_core.recipes import recipe
@@ -56,6 +59,8 @@ class EvalReport:
     guidance_scale: float
     calibration_samples: int
     generations: dict[str, Generations] = field(default_factory=dict, repr=False)
+    height: int | None = None  # None: the pipeline's default size
+    width: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +71,8 @@ class EvalReport:
             "seeds": self.seeds,
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
             "eval_prompts": self.eval_prompts,
             "variants": [v.to_dict() for v in self.variants],
         }
@@ -77,6 +84,16 @@ def _adherence(gen: Generations, scorer: Scorer) -> dict[str, float]:
         for key, ok in scorer(image, gen.prompts[pi]).items():
             totals.setdefault(key, []).append(bool(ok))
     return {k: sum(v) / len(v) for k, v in sorted(totals.items())}
+
+
+def shrink_to_grid(gen: Generations, columns: int) -> None:
+    """Keep only the images the grid shows (first seed, first rows), at the grid's cell size."""
+    rows = min(len(gen.prompts), MAX_ROWS)
+    shown = {(ri, gen.seeds[0]) for ri in range(rows)}
+    for key in [k for k in gen.images if k not in shown]:
+        del gen.images[key]
+    for key, image in gen.images.items():
+        gen.images[key] = fit(image, cell_size(image.width, image.height, columns, rows))
 
 
 def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts: Sequence[str],
@@ -94,8 +111,9 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
     names = ["fp", *[v for v in variants if v != "fp"]]
     for name in names:
         recipe(name)  # validate every name before spending minutes on the first
+    size = call_kwargs or {}
     report = EvalReport(model_name, [], list(prompts), list(calibration_prompts), list(seeds),
-                        num_inference_steps, guidance_scale, 0)
+                        num_inference_steps, guidance_scale, 0, height=size.get("height"), width=size.get("width"))
     calibration: CalibrationSet | None = None  # captured once from the float pipeline, shared by all variants
     for name in names:
         pipe = load_pipeline()
@@ -137,4 +155,8 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
             seconds_per_image=gen.seconds / max(gen.count, 1), quantize_seconds=quant_s if name != "fp" else 0.0,
             weight_bytes=summary.get("quantized_bytes"), float_weight_bytes=summary.get("float_bytes"),
             summary=summary))
+        if name != "fp":
+            shrink_to_grid(gen, len(names))
+        del pipe
+    shrink_to_grid(report.generations["fp"], len(names))
     return report
