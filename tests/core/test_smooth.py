@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from segquant_core import SegLinear, quantize, recipe
 from segquant_core.calibrate.smooth import S_MAX, S_MIN, smoothing_vector
-from segquant_core.detect.plan import Segments
+from segquant_core.detect.plan import LayerPlan, Plan, Segments
 from segquant_core.seglinear import SegLinearConfig
 
 from .conftest import AdaLNToy, adaln_calls, adaln_plan, gen
@@ -32,11 +32,64 @@ def test_item22_clamping_and_dead_channels():
     assert s[0].item() == S_MAX == 1e4  # clamped from 1e12
     assert s[1].item() == pytest.approx(S_MIN) and S_MIN == 1e-4  # clamped from 1e-8
     assert s[2].item() == 1.0  # no activation signal
-    assert s[3].item() == 1.0  # no weight signal
-    assert s[4].item() == 1.0  # weight below 2^-31: dead
+    assert s[3].item() == S_MAX  # all-zero weight column: the formula's limit, clamped
+    assert s[4].item() == S_MAX  # weight below 2^-31 counts as zero
     assert (s >= S_MIN).all() and (s <= S_MAX).all()
+    assert smoothing_vector(torch.tensor([0.0, 2.0]), torch.tensor([0.0, 1.0]), 0.5)[0].item() == 1.0  # both dead
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         smoothing_vector(x, w, 1.5)
+
+
+def test_zero_weight_column_never_sets_the_activation_range():
+    # Issue 16 item 7: s_c = 1 for an all-zero weight column let a large activation in a channel that cannot
+    # change the output set the activation scale. It now gets S_MAX, or more when even x_c / S_MAX would
+    # exceed the live channels' largest smoothed activation.
+    x = torch.tensor([2.0, 8.0, 1e3, 1e9])
+    w = torch.tensor([0.5, 2.0, 0.0, 0.0])
+    s = smoothing_vector(x, w, 0.5)
+    assert torch.allclose(s[:2], (x[:2].sqrt() / w[:2].sqrt()), rtol=1e-6)  # live channels: the formula
+    live_peak = float((x[:2] / s[:2]).max())
+    assert s[2].item() == S_MAX  # 1e3 / 1e4 stays below the live peak
+    assert s[3].item() == pytest.approx(1e9 / live_peak, rel=1e-6)  # raised beyond the clamp
+    assert (x / s).max().item() == pytest.approx(live_peak, rel=1e-6)
+    # every weight column zero: nothing to compare with, the clamp bound is used
+    assert smoothing_vector(torch.tensor([3.0, 5.0]), torch.zeros(2), 0.5).tolist() == [S_MAX, S_MAX]
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("outlier", [1.0, 100.0, 1e6])
+@pytest.mark.parametrize("search", [False, True])
+def test_zero_weight_column_outlier_does_not_hurt_the_smoothed_layer(outlier: float, search: bool) -> None:
+    """A 64-channel layer whose column 5 is all zero, fed activations whose channel 5 is ``outlier`` times
+    larger: the quantized output error stays that of the layer without the outlier (it was ≈ 0.98 before)."""
+    g = gen(1)
+
+    def batch() -> torch.Tensor:
+        x = torch.randn(16, 64, generator=g)
+        x[:, 5] *= outlier
+        return x
+
+    torch.manual_seed(0)
+    model = _OneLinear()
+    with torch.no_grad():
+        model.lin.weight[:, 5] = 0.0
+    calls = [{"x": batch()} for _ in range(4)]
+    x_test = batch()
+    want = model(x_test).detach()
+    quantize(model, recipe("w8a8-smooth", search=search, alpha=0.5), calls, Plan([LayerPlan("lin")]), progress=False)
+    err = float((model(x_test).detach() - want).norm() / want.norm())
+    assert err < 0.05, err
+    seg = model.lin.segs[0]
+    assert seg.smooth[5].item() >= S_MAX
+    assert float(seg.act_scale) < 0.1  # ≈ live range / 127, not outlier / 127
 
 
 # §11.2 item 23: function preservation with quantization off ------------------------------------------------------
@@ -65,8 +118,13 @@ def test_item24_per_segment_smoothing_vectors_differ():
     m = AdaLNToy()
     w = m.linear.weight.detach().clone()
     calls = adaln_calls()
-    quantize(m, recipe("w8a8-smooth", seg=True, search=False, alpha=0.5, smooth_scope="segment"), calls,
-             adaln_plan(m), progress=False)
+    quantize(
+        m,
+        recipe("w8a8-smooth", seg=True, search=False, alpha=0.5, smooth_scope="segment"),
+        calls,
+        adaln_plan(m),
+        progress=False,
+    )
     layer: SegLinear = m.linear
     x_absmax = torch.stack([F.silu(c["emb"]).abs().amax(0) for c in calls]).amax(0)
     smooths = [seg.smooth for seg in layer.segs]
@@ -140,8 +198,7 @@ def test_item28_original_weights_unchanged_after_search():
     w_before = w_param.detach().clone()
     b_before = b_param.detach().clone()
     ptr = w_param.data_ptr()
-    quantize(m, recipe("w8a8-segquant", lowrank=4, gptq=True), adaln_calls(), adaln_plan(m, dual=True),
-             progress=False)
+    quantize(m, recipe("w8a8-segquant", lowrank=4, gptq=True), adaln_calls(), adaln_plan(m, dual=True), progress=False)
     assert isinstance(m.linear, SegLinear)
     # the float layer that was replaced was only read: every candidate started from the same weights
     assert torch.equal(w_param, w_before) and torch.equal(b_param, b_before)
@@ -184,8 +241,13 @@ def test_layer_smooth_scope_shares_alpha_and_smoothing_vector_and_runs_as_one_ge
     m = AdaLNToy()
     w = m.linear.weight.detach().clone()
     calls = adaln_calls()
-    res = quantize(m, recipe("w8a8-segquant", smooth_scope="layer", alpha_grid=grid), calls,
-                   adaln_plan(m, dual=True), progress=False)
+    res = quantize(
+        m,
+        recipe("w8a8-segquant", smooth_scope="layer", alpha_grid=grid),
+        calls,
+        adaln_plan(m, dual=True),
+        progress=False,
+    )
     report = res.layers["linear"]
     layer: SegLinear = m.linear
     alphas = {seg.alpha for seg in report.segments}
@@ -209,8 +271,9 @@ def test_layer_smooth_scope_shares_alpha_and_smoothing_vector_and_runs_as_one_ge
 
 def quantize_segment_scope() -> SegLinear:
     m = AdaLNToy()
-    quantize(m, recipe("w8a8-segquant", smooth_scope="segment"), adaln_calls(), adaln_plan(m, dual=True),
-             progress=False)
+    quantize(
+        m, recipe("w8a8-segquant", smooth_scope="segment"), adaln_calls(), adaln_plan(m, dual=True), progress=False
+    )
     return m.linear
 
 
