@@ -73,7 +73,7 @@ class CalibrationSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(256, ge=1, description="recorded denoiser calls (per-segment static scales need coverage)")
-    num_inference_steps: int = Field(20, ge=1)
+    num_inference_steps: int | None = Field(None, ge=1, description="default: the model's defaults")
     steps_per_prompt: int = Field(4, ge=1)
     guidance_scale: float | None = Field(None, description="default: the model's defaults.guidance_scale")
     height: int | None = Field(None, ge=1, description="default: the model's default size")
@@ -83,27 +83,29 @@ class CalibrationSpec(BaseModel):
 
     @model_validator(mode="after")
     def _steps(self) -> CalibrationSpec:
-        if self.steps_per_prompt > self.num_inference_steps:
+        if self.num_inference_steps is not None and self.steps_per_prompt > self.num_inference_steps:
             raise ValueError("calibration.steps_per_prompt must not exceed calibration.num_inference_steps")
         return self
 
-
-@dataclass(frozen=True)
-class CalibrationConditions:
-    """Where a variant is calibrated: the serving size and guidance unless the variant says otherwise."""
-
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-
     @property
-    def call_kwargs(self) -> dict[str, Any]:
-        """Extra pipeline-call arguments for ``quantize_pipeline(..., call_kwargs=...)``."""
+    def call_kwargs(self) -> dict[str, Any] | None:
+        """Extra pipeline-call arguments (the calibration size) for ``quantize_pipeline(..., call_kwargs=)``."""
+        if self.height is None or self.width is None:
+            return None
         return {"height": self.height, "width": self.width}
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    def at_serving_conditions(self, sizes: SizeRule, defaults: GenerationDefaults) -> None:
+        """Fill what the registry left open with the conditions the model is served at (its ModelSpec does)."""
+        self.height = self.height or sizes.default
+        self.width = self.width or sizes.default
+        self.num_inference_steps = self.num_inference_steps or defaults.num_inference_steps
+        if self.guidance_scale is None:
+            self.guidance_scale = defaults.guidance_scale
+        if "steps_per_prompt" not in self.model_fields_set:
+            self.steps_per_prompt = min(self.steps_per_prompt, self.num_inference_steps)
+        if self.steps_per_prompt > self.num_inference_steps:
+            raise ValueError(f"calibration.steps_per_prompt ({self.steps_per_prompt}) must not exceed the "
+                             f"calibration steps ({self.num_inference_steps})")
 
 
 class VariantSpec(BaseModel):
@@ -180,6 +182,11 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model {self.name!r}: default_variant {self.default_variant!r} is not one of {names}")
         if self.sizes is None:
             self.sizes = derive_size_rule(self.source)
+        for variant in self.variants:  # calibrate where the model is served, unless the variant says otherwise
+            try:
+                variant.calibration.at_serving_conditions(self.sizes, self.defaults)
+            except ValueError as e:
+                raise ValueError(f"model {self.name!r}, variant {variant.name!r}: {e}") from None
         folder = source_pipeline_dir(self.source)
         if self.drop_components and folder is not None and (folder / "model_index.json").is_file():
             try:
@@ -187,13 +194,6 @@ class ModelSpec(BaseModel):
             except ValueError as e:
                 raise ValueError(f"model {self.name!r}: drop_components: {e}") from None
         return self
-
-    def calibration_conditions(self, variant: VariantSpec) -> CalibrationConditions:
-        """The size, steps and guidance ``variant`` is calibrated at: its own settings, else the serving defaults."""
-        cal, size = variant.calibration, self.size_rule.default
-        return CalibrationConditions(
-            height=cal.height or size, width=cal.width or size, num_inference_steps=cal.num_inference_steps,
-            guidance_scale=cal.guidance_scale if cal.guidance_scale is not None else self.defaults.guidance_scale)
 
     def components(self) -> list[str] | None:
         """The pipeline components this model runs with (saved, not null, not dropped); None when unknown."""

@@ -129,6 +129,8 @@ class VariantPublic(BaseModel):
     fidelity: dict[str, Any] | None = Field(None, description="the variant's eval.json, when one exists")
     artifact: str | None = None
     workers_loaded: int = 0
+    calibration: dict[str, Any] | None = Field(
+        None, description="where a missing artifact is calibrated: height, width, steps, guidance, samples")
 
 
 class ModelPublic(BaseModel):
@@ -138,6 +140,8 @@ class ModelPublic(BaseModel):
     default_variant: str
     sizes: SizeRule
     defaults: GenerationDefaults
+    components: list[str] | None = Field(None, description="pipeline components it runs with (None: unknown)")
+    drop_components: list[str] = Field(default_factory=list, description="components left out on purpose")
     variants: list[VariantPublic]
 
 

@@ -19,7 +19,7 @@ from service.api.deps import StateDep
 from service.api.job_service import percentile
 from service.api.schemas import LatencyPublic, ModelPublic, ModelsPublic, VariantPublic
 from service.jobs.queue import QueueUnavailableError, StatsRecord, VariantStatus, WorkerInfo
-from service.registry import VariantKey
+from service.registry import VariantKey, VariantSpec
 
 router = APIRouter(tags=["models"])
 logger = logging.getLogger(__name__)
@@ -52,6 +52,12 @@ def _fidelity(path: Path, names: tuple[str, ...]) -> dict[str, Any] | None:
                                         "calibration_samples") if k in data}
         return {**entry, "report": str(path), **context}
     return data if isinstance(data, dict) else None
+
+
+def _calibration(spec: VariantSpec) -> dict[str, Any]:
+    """The conditions a missing artifact is calibrated at (the registry's, filled with the serving defaults)."""
+    return spec.calibration.model_dump(mode="json", include={"height", "width", "num_inference_steps",
+                                                            "guidance_scale", "samples", "steps_per_prompt"})
 
 
 def _latency(records: list[StatsRecord]) -> LatencyPublic:
@@ -91,8 +97,10 @@ async def list_models(state: StateDep) -> ModelsPublic:
                 load_seconds=merged.load_seconds, latency=_latency(records),
                 fidelity=_fidelity(registry.eval_report_path(key, settings.cache_dir), (spec.name, spec.recipe)),
                 artifact=str(artifact) if artifact else None,
+                calibration=_calibration(spec) if spec.quantized else None,
                 workers_loaded=sum(1 for r in reports if r.state == "loaded")))
         out.append(ModelPublic(name=model.name, source=model.source, description=model.description,
                                default_variant=model.default_variant or model.variants[0].name,
-                               sizes=model.size_rule, defaults=model.defaults, variants=variants))
+                               sizes=model.size_rule, defaults=model.defaults, components=model.components(),
+                               drop_components=model.drop_components, variants=variants))
     return ModelsPublic(data=out)
