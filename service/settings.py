@@ -47,6 +47,12 @@ class QueueSettings(BaseModel):
     """Queue bounds and the crash-recovery clock (reclaim idle time must exceed a few heartbeats)."""
 
     max_depth: int = Field(64, ge=1, description="queued (not yet started) jobs across all variants; above: 503")
+    max_depth_per_variant: int | None = Field(
+        None, ge=1, description="queued jobs of one variant; default: max_depth shared evenly by the registry's "
+        "variants (at least 1), so one variant's backlog cannot take every other variant's room")
+    unserved_timeout_s: float = Field(
+        120.0, ge=0, description="a queued job whose variant no live worker has served for this long fails "
+        "with reason 'unserved'; 0 = at once")
     result_ttl_s: int = Field(3600, ge=1, description="how long finished jobs and their results are kept")
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     max_deliveries: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")

@@ -25,7 +25,7 @@ from service.api.routes import generate, health, jobs, models, openai
 from service.api.routes import metrics as metrics_route
 from service.api.state import AppState
 from service.jobs.local_queue import LocalQueue
-from service.jobs.queue import JobQueue
+from service.jobs.queue import JobQueue, QueueUnavailableError
 from service.metrics import get_metrics
 from service.registry import Registry
 from service.settings import Settings, get_settings
@@ -69,6 +69,22 @@ def _start_worker(state: AppState) -> None:
     state.runner_task = asyncio.create_task(state.runner.run(), name="segquant-embedded-worker")
 
 
+async def _sweep_unserved(jobs: JobService) -> None:
+    """Fail queued jobs of variants that no live worker has served for ``queue.unserved_timeout_s``."""
+    interval = min(5.0, max(0.1, jobs.settings.queue.unserved_timeout_s / 4))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            failed = await jobs.fail_unserved()
+        except QueueUnavailableError:
+            continue  # Redis is down: /readyz says so; try again next round
+        except Exception:  # keep sweeping whatever happens, but say what went wrong
+            logger.exception("unserved-variant sweep failed")
+            continue
+        if failed:
+            logger.warning("failed %d queued job(s) whose variant no live worker serves", len(failed))
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -82,9 +98,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _start_worker(state)
     logger.info("SegQuant Serve %s: %s mode, models %s", __version__,
                 "embedded" if settings.embedded else "api-only", ", ".join(registry.models))
+    sweeper = asyncio.create_task(_sweep_unserved(state.jobs), name="segquant-unserved-sweep")
     try:
         yield
     finally:
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
         if state.runner is not None and state.runner_task is not None:
             state.runner.request_stop()
             try:

@@ -13,9 +13,11 @@ import statistics
 import time
 from datetime import datetime, timezone
 
+from service.api.build_wait import build_progress, refuse_if_unbuilt
 from service.api.errors import ApiError, validation_problem
 from service.api.schemas import GenerateRequest, JobLinks, JobPublic
-from service.jobs.model import GenerationParams, Job, JobState
+from service.jobs.capacity import variant_capacity
+from service.jobs.model import GenerationParams, Job, JobError, JobState
 from service.jobs.queue import (
     IdempotencyConflictError,
     JobQueue,
@@ -24,6 +26,7 @@ from service.jobs.queue import (
     StatsRecord,
     Submission,
 )
+from service.jobs.unserved import UNSERVED_REASON, UnservedWatch
 from service.metrics import Metrics
 from service.registry import Registry, UnknownModelError, VariantKey
 from service.settings import Settings
@@ -46,6 +49,9 @@ def percentile(values: list[float], q: float) -> float | None:
 class JobService:
     def __init__(self, queue: JobQueue, registry: Registry, settings: Settings, metrics: Metrics) -> None:
         self.queue, self.registry, self.settings, self.metrics = queue, registry, settings, metrics
+        self.unserved = UnservedWatch(settings.queue.unserved_timeout_s)
+        q = settings.queue
+        self.variant_capacity = variant_capacity(q.max_depth, q.max_depth_per_variant, len(registry.variant_keys()))
 
     # ------------------------------------------------------------------ validation
     def resolve(self, req: GenerateRequest, *, output_format: str | None = None) -> GenerationParams:
@@ -55,14 +61,19 @@ class JobService:
             model = self.registry.model(req.model)
             variant = model.variant(req.variant)
         except UnknownModelError as e:
-            raise ApiError(404, str(e), code=f"unknown_{e.what}", param=e.what,
-                           extra={"valid": e.valid}) from None
+            raise ApiError(404, str(e), code=f"unknown_{e.what}", param=e.what, extra={"valid": e.valid}) from None
         if len(req.prompt) > limits.max_prompt_chars:
-            raise validation_problem("prompt", f"must be at most {limits.max_prompt_chars} characters "
-                                               f"(got {len(req.prompt)})", "string_too_long")
+            raise validation_problem(
+                "prompt",
+                f"must be at most {limits.max_prompt_chars} characters (got {len(req.prompt)})",
+                "string_too_long",
+            )
         if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
-            raise validation_problem("negative_prompt", f"must be at most {limits.max_prompt_chars} characters "
-                                                        f"(got {len(req.negative_prompt)})", "string_too_long")
+            raise validation_problem(
+                "negative_prompt",
+                f"must be at most {limits.max_prompt_chars} characters (got {len(req.negative_prompt)})",
+                "string_too_long",
+            )
         rule = model.size_rule
         width, height = req.width or rule.default, req.height or rule.default
         for name, value in (("width", width), ("height", height)):
@@ -71,12 +82,14 @@ class JobService:
                 raise validation_problem(name, f"{problem} for model {model.name!r}")
         steps = req.num_inference_steps or model.defaults.num_inference_steps
         if steps > limits.max_inference_steps:
-            raise validation_problem("num_inference_steps",
-                                     f"must be between 1 and {limits.max_inference_steps} (got {steps})")
+            raise validation_problem(
+                "num_inference_steps", f"must be between 1 and {limits.max_inference_steps} (got {steps})"
+            )
         guidance = model.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         if guidance > limits.max_guidance_scale:
-            raise validation_problem("guidance_scale",
-                                     f"must be between 0 and {limits.max_guidance_scale} (got {guidance})")
+            raise validation_problem(
+                "guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {guidance})"
+            )
         if req.n > limits.max_images:
             raise validation_problem("n", f"must be between 1 and {limits.max_images} (got {req.n})")
         if req.deadline_s is not None and req.deadline_s > limits.max_deadline_s:
@@ -85,20 +98,38 @@ class JobService:
             raise validation_problem("debug", "debug hooks are disabled on this server")
         base = secrets.randbelow(2**31) if req.seed is None else req.seed
         return GenerationParams(
-            prompt=req.prompt, negative_prompt=req.negative_prompt, model=model.name, variant=variant.name,
-            width=width, height=height, num_inference_steps=steps, guidance_scale=guidance,
+            prompt=req.prompt,
+            negative_prompt=req.negative_prompt,
+            model=model.name,
+            variant=variant.name,
+            width=width,
+            height=height,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
             seeds=[(base + i) % (MAX_SEED + 1) for i in range(req.n)],
             output_format=output_format or req.output_format,  # type: ignore[arg-type]
-            debug=req.debug)
+            debug=req.debug,
+        )
 
     # ------------------------------------------------------------------ submission
-    async def submit(self, req: GenerateRequest, *, idempotency_key: str | None = None, principal: str = "",
-                     output_format: str | None = None) -> Submission:
+    async def submit(
+        self,
+        req: GenerateRequest,
+        *,
+        idempotency_key: str | None = None,
+        principal: str = "",
+        output_format: str | None = None,
+    ) -> Submission:
         params = self.resolve(req, output_format=output_format)
         now = time.time()
         deadline_s = req.deadline_s or self.settings.queue.default_deadline_s
-        job = Job(id=Job.new_id(), state=JobState.QUEUED, params=params, created_at=now,
-                  deadline_at=None if deadline_s is None else now + deadline_s)
+        job = Job(
+            id=Job.new_id(),
+            state=JobState.QUEUED,
+            params=params,
+            created_at=now,
+            deadline_at=None if deadline_s is None else now + deadline_s,
+        )
         digest = None
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 255:
@@ -106,24 +137,68 @@ class JobService:
             digest = hashlib.sha256(f"{principal}\0{idempotency_key}".encode()).hexdigest()
         request_hash = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
         key = VariantKey(params.model, params.variant)
+        await refuse_if_unbuilt(self.queue, self.registry, self.settings, key)
         try:
-            sub = await self.queue.submit(job, capacity=self.settings.queue.max_depth, idempotency_key=digest,
-                                          request_hash=request_hash)
+            sub = await self.queue.submit(
+                job,
+                capacity=self.settings.queue.max_depth,
+                variant_capacity=self.variant_capacity,
+                idempotency_key=digest,
+                request_hash=request_hash,
+            )
         except QueueFullError as e:
             self.metrics.rejected.labels("queue_full").inc()
             retry = await self.retry_after(key, e.depth)
-            raise ApiError(503, f"{e}; retry in about {retry} s", code="queue_full",
-                           headers={"Retry-After": str(retry)}) from None
+            raise ApiError(
+                503, f"{e}; retry in about {retry} s", code="queue_full", headers={"Retry-After": str(retry)}
+            ) from None
         except IdempotencyConflictError as e:
             self.metrics.rejected.labels("idempotency_conflict").inc()
             raise ApiError(409, str(e), code="idempotency_key_reused", param="Idempotency-Key") from None
         except QueueUnavailableError as e:
             self.metrics.rejected.labels("queue_unavailable").inc()
-            raise ApiError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
+            ) from None
         if sub.created:
             self.metrics.jobs_submitted.labels(key.model, key.variant).inc()
+            if await self._fail_if_unserved(key, [sub.job.id]):
+                sub = Submission(await self.queue.get(sub.job.id) or sub.job, created=True)
         return sub
+
+    # ------------------------------------------------------------------ variants nobody serves
+    async def _observe_workers(self, now: float) -> None:
+        workers = await self.queue.workers()
+        served = {k for w in workers if w.state != "draining" for k in w.variants}
+        self.unserved.observe(self.registry.variant_keys(), served, now)
+
+    async def _fail_if_unserved(self, key: VariantKey, job_ids: list[str] | None = None) -> list[str]:
+        """Fail the variant's queued jobs (or just ``job_ids``) when nobody has served it for the timeout."""
+        now = time.time()
+        try:
+            await self._observe_workers(now)
+        except QueueUnavailableError:
+            return []
+        if self.unserved.overdue(key, now) is None:
+            return []
+        error = JobError(reason=UNSERVED_REASON, message=self.unserved.message(key, now))
+        if job_ids is None:
+            failed = await self.queue.fail_queued(key, error)
+        else:
+            failed = [j for j in job_ids if await self.queue.finish(j, JobState.FAILED, error=error)]
+        for _ in failed:
+            self.metrics.jobs_finished.labels(key.model, key.variant, "failed").inc()
+            self.metrics.jobs_failed.labels(key.model, key.variant, UNSERVED_REASON).inc()
+        return failed
+
+    async def fail_unserved(self) -> list[str]:
+        """One sweep: fail the queued jobs of every variant that no live worker has served for the timeout."""
+        failed: list[str] = []
+        depths = await self.queue.depths(self.registry.variant_keys())
+        for key, depth in depths.items():
+            if depth > 0:
+                failed += await self._fail_if_unserved(key)
+        return failed
 
     # ------------------------------------------------------------------ timing estimates
     async def _service_s(self, key: VariantKey) -> tuple[float, int]:
@@ -147,37 +222,61 @@ class JobService:
         try:
             job = await self.queue.get(job_id)
         except QueueUnavailableError as e:
-            raise ApiError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
+            ) from None
         if job is None:
-            raise ApiError(404, f"no job {job_id!r} (unknown, or its result expired after "
-                                f"{self.settings.queue.result_ttl_s} s)", code="unknown_job", param="job_id")
+            raise ApiError(
+                404,
+                f"no job {job_id!r} (unknown, or its result expired after {self.settings.queue.result_ttl_s} s)",
+                code="unknown_job",
+                param="job_id",
+            )
         checked = await self.queue.expire_if_late(job, time.time())
         if checked.state is JobState.EXPIRED and job.state is not JobState.EXPIRED:
             self.metrics.jobs_finished.labels(job.params.model, job.params.variant, "expired").inc()
         return checked
 
     async def public(self, job: Job) -> JobPublic:
-        position = eta = None
+        position = eta = build = None
         if job.state is JobState.QUEUED:
             position = await self.queue.position(job)
+            key = VariantKey(job.params.model, job.params.variant)
             if position is not None:
-                service, workers = await self._service_s(VariantKey(job.params.model, job.params.variant))
+                service, workers = await self._service_s(key)
                 eta = round(position * service / workers, 2)
+            build = await build_progress(self.queue, self.registry, self.settings, key)
+            if build is not None:  # it waits for its variant's build first
+                eta = None if build.eta_s is None else round(build.eta_s + (eta or 0.0), 2)
         return JobPublic(
-            id=job.id, state=job.state, model=job.params.model, variant=job.params.variant,
-            created_at=_ts(job.created_at), started_at=_ts(job.started_at), finished_at=_ts(job.finished_at),
-            deadline_at=_ts(job.deadline_at), queue_position=position, eta_s=eta, progress=job.progress,
-            attempts=job.attempts, worker_id=job.worker_id, cancel_requested=job.cancel_requested,
-            params=job.params, result=job.result, error=job.error,
-            links=JobLinks(self=f"/jobs/{job.id}", events=f"/jobs/{job.id}/events"))
+            id=job.id,
+            state=job.state,
+            model=job.params.model,
+            variant=job.params.variant,
+            created_at=_ts(job.created_at),
+            started_at=_ts(job.started_at),
+            finished_at=_ts(job.finished_at),
+            deadline_at=_ts(job.deadline_at),
+            queue_position=position,
+            eta_s=eta,
+            waiting_for_build=build,
+            progress=job.progress,
+            attempts=job.attempts,
+            worker_id=job.worker_id,
+            cancel_requested=job.cancel_requested,
+            params=job.params,
+            result=job.result,
+            error=job.error,
+            links=JobLinks(self=f"/jobs/{job.id}", events=f"/jobs/{job.id}/events"),
+        )
 
     async def wait(self, job_id: str, timeout: float) -> Job:
         try:
             job = await self.queue.wait(job_id, timeout)
         except QueueUnavailableError as e:
-            raise ApiError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
+            ) from None
         if job is None:
             raise ApiError(404, f"job {job_id!r} disappeared while waiting", code="unknown_job")
         return job
@@ -186,8 +285,9 @@ class JobService:
         try:
             job, outcome = await self.queue.cancel(job_id)
         except QueueUnavailableError as e:
-            raise ApiError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
+            ) from None
         if job is None:
             raise ApiError(404, f"no job {job_id!r}", code="unknown_job", param="job_id")
         if outcome == "canceled":  # a running job is counted by its worker when it stops
@@ -201,6 +301,7 @@ def failure_error(job: Job) -> ApiError:
     message = f"job {job.id} {job.state.value}: {job.error.message if job.error else reason}"
     status = {JobState.CANCELED: 409, JobState.EXPIRED: 504}.get(job.state)
     if status is None:
-        status = {"model_unavailable": 503, "invalid": 422}.get(reason, 500)
-    return ApiError(status, message, code=reason, type="generation_error" if status >= 500 else None,
-                    extra={"job_id": job.id})
+        status = {"model_unavailable": 503, UNSERVED_REASON: 503, "invalid": 422}.get(reason, 500)
+    return ApiError(
+        status, message, code=reason, type="generation_error" if status >= 500 else None, extra={"job_id": job.id}
+    )

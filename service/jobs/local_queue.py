@@ -67,11 +67,21 @@ class LocalQueue:
         self._events.setdefault(job_id, []).append(JobEvent(id=str(next(self._ids)), type=kind, data=data or {}))
 
     def _depth(self, key: VariantKey) -> int:
-        return sum(1 for _, j in self._queues.get(key, ()) if self._jobs.get(j, None) is not None
-                   and self._jobs[j].state is JobState.QUEUED)
+        return sum(
+            1
+            for _, j in self._queues.get(key, ())
+            if self._jobs.get(j, None) is not None and self._jobs[j].state is JobState.QUEUED
+        )
 
-    def _terminate(self, job: Job, state: JobState, *, result: JobResult | None = None,
-                   error: JobError | None = None, worker_id: str | None = None) -> None:
+    def _terminate(
+        self,
+        job: Job,
+        state: JobState,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        worker_id: str | None = None,
+    ) -> None:
         job.state, job.finished_at = state, time.time()
         job.result, job.error = result or job.result, error or job.error
         job.worker_id = worker_id or job.worker_id
@@ -85,8 +95,15 @@ class LocalQueue:
     async def close(self) -> None:
         await self._notify()
 
-    async def submit(self, job: Job, *, capacity: int, idempotency_key: str | None = None,
-                     request_hash: str = "") -> Submission:
+    async def submit(
+        self,
+        job: Job,
+        *,
+        capacity: int,
+        variant_capacity: int | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+    ) -> Submission:
         self._sweep()
         if idempotency_key and idempotency_key in self._idem:
             job_id, digest, _ = self._idem[idempotency_key]
@@ -98,6 +115,9 @@ class LocalQueue:
         if depth >= capacity:
             raise QueueFullError(depth, capacity)
         key = VariantKey(job.params.model, job.params.variant)
+        mine = self._depth(key)
+        if variant_capacity is not None and mine >= variant_capacity:
+            raise QueueFullError(mine, variant_capacity, str(key))
         entry = str(next(self._ids))
         stored = job.model_copy(deep=True)
         self._jobs[job.id], self._entry[job.id] = stored, entry
@@ -107,6 +127,18 @@ class LocalQueue:
             self._idem[idempotency_key] = (job.id, request_hash, time.time() + self.idempotency_ttl_s)
         await self._notify()
         return Submission(stored.model_copy(deep=True), created=True)
+
+    async def fail_queued(self, key: VariantKey, error: JobError) -> list[str]:
+        failed = [
+            j
+            for _, j in self._queues.get(key, ())
+            if (job := self._jobs.get(j)) is not None and job.state is JobState.QUEUED
+        ]
+        for job_id in failed:
+            self._terminate(self._jobs[job_id], JobState.FAILED, error=error)
+        if failed:
+            await self._notify()
+        return failed
 
     async def get(self, job_id: str) -> Job | None:
         self._sweep()
@@ -163,8 +195,11 @@ class LocalQueue:
         if job.state is not JobState.QUEUED:
             return None
         key = VariantKey(job.params.model, job.params.variant)
-        waiting = [j for _, j in self._queues.get(key, ()) if self._jobs.get(j) is not None
-                   and self._jobs[j].state is JobState.QUEUED]
+        waiting = [
+            j
+            for _, j in self._queues.get(key, ())
+            if self._jobs.get(j) is not None and self._jobs[j].state is JobState.QUEUED
+        ]
         return waiting.index(job.id) + 1 if job.id in waiting else 0
 
     async def depths(self, keys: list[VariantKey]) -> dict[VariantKey, int]:
@@ -218,8 +253,7 @@ class LocalQueue:
             found = self._pop(keys, count)
         return found
 
-    async def reclaim(self, keys: list[VariantKey], consumer: str, min_idle_s: float,
-                      count: int) -> list[Delivery]:
+    async def reclaim(self, keys: list[VariantKey], consumer: str, min_idle_s: float, count: int) -> list[Delivery]:
         return []  # one process: nothing can be orphaned by another worker's death
 
     async def refresh(self, deliveries: list[Delivery], consumer: str) -> set[str]:
@@ -235,12 +269,16 @@ class LocalQueue:
             return StartOutcome("stale", job.model_copy(deep=True))
         now = time.time()
         if job.cancel_requested:
-            self._terminate(job, JobState.CANCELED, error=JobError(reason="canceled",
-                                                                   message="canceled before it started"))
+            self._terminate(
+                job, JobState.CANCELED, error=JobError(reason="canceled", message="canceled before it started")
+            )
             status = "canceled"
         elif job.deadline_at is not None and now > job.deadline_at:
-            self._terminate(job, JobState.EXPIRED, error=JobError(
-                reason="expired", message="its deadline passed before a worker could start it"))
+            self._terminate(
+                job,
+                JobState.EXPIRED,
+                error=JobError(reason="expired", message="its deadline passed before a worker could start it"),
+            )
             status = "expired"
         else:
             job.state, job.worker_id, job.started_at, job.progress = JobState.RUNNING, worker_id, now, None
@@ -261,8 +299,15 @@ class LocalQueue:
     async def cancel_requested(self, job_ids: list[str]) -> set[str]:
         return {j for j in job_ids if (job := self._jobs.get(j)) is not None and job.cancel_requested}
 
-    async def finish(self, job_id: str, state: JobState, *, result: JobResult | None = None,
-                     error: JobError | None = None, worker_id: str | None = None) -> bool:
+    async def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        worker_id: str | None = None,
+    ) -> bool:
         job = self._jobs.get(job_id)
         if job is None or job.state.terminal:
             return False
@@ -285,8 +330,9 @@ class LocalQueue:
         await self._notify()
 
     async def dead_letter(self, delivery: Delivery, message: str) -> bool:
-        return await self.finish(delivery.job_id, JobState.FAILED,
-                                 error=JobError(reason="worker_lost", message=message))
+        return await self.finish(
+            delivery.job_id, JobState.FAILED, error=JobError(reason="worker_lost", message=message)
+        )
 
     async def record_stats(self, key: VariantKey, records: list[StatsRecord]) -> None:
         self._stats.setdefault(key, deque(maxlen=STATS_KEEP)).extendleft(records)

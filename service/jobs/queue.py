@@ -19,11 +19,12 @@ from service.registry import VariantKey
 
 
 class QueueFullError(Exception):
-    """The bounded queue is at capacity; the caller answers 503 with ``Retry-After``."""
+    """The bounded queue (or one variant's share of it) is at capacity; the caller answers 503 + ``Retry-After``."""
 
-    def __init__(self, depth: int, capacity: int) -> None:
-        self.depth, self.capacity = depth, capacity
-        super().__init__(f"the queue is full ({depth} of {capacity} jobs waiting)")
+    def __init__(self, depth: int, capacity: int, variant: str | None = None) -> None:
+        self.depth, self.capacity, self.variant = depth, capacity, variant
+        where = f"variant {variant}'s share of the queue" if variant else "the queue"
+        super().__init__(f"{where} is full ({depth} of {capacity} jobs waiting)")
 
 
 class QueueUnavailableError(Exception):
@@ -66,6 +67,16 @@ class StartOutcome:
 VariantState = Literal["not_built", "available", "building", "loaded", "failed"]
 
 
+class BuildProgress(BaseModel):
+    """Where a background build of a variant's artifact stands (``phase`` e.g. calibrating, evaluating)."""
+
+    phase: str
+    done: int = 0
+    total: int | None = None
+    eta_s: float | None = Field(None, description="estimated seconds until the build (and its evaluation) ends")
+    started_at: float | None = None
+
+
 class VariantStatus(BaseModel):
     """What a worker knows about one variant: published for ``GET /models`` and readiness."""
 
@@ -79,6 +90,8 @@ class VariantStatus(BaseModel):
     memory_kind: str | None = Field(None, description="process_rss (CPU) or cuda_max_allocated (GPU)")
     load_seconds: float | None = None
     build_seconds: float | None = None
+    progress: BuildProgress | None = Field(None, description="while state is building")
+    shared_bytes: int | None = Field(None, description="the model's shared parts (text encoders, VAE) as loaded")
 
 
 class WorkerInfo(BaseModel):
@@ -110,8 +123,11 @@ class StatsRecord(BaseModel):
 async def expire_if_late(queue: JobQueue, job: Job, now: float) -> Job:
     """Mark a still-queued job whose deadline has passed as expired (shared by every queue implementation)."""
     if job.state is JobState.QUEUED and job.deadline_at is not None and now > job.deadline_at:
-        await queue.finish(job.id, JobState.EXPIRED, error=JobError(
-            reason="expired", message="its deadline passed before a worker could start it"))
+        await queue.finish(
+            job.id,
+            JobState.EXPIRED,
+            error=JobError(reason="expired", message="its deadline passed before a worker could start it"),
+        )
         return await queue.get(job.id) or job
     return job
 
@@ -121,8 +137,19 @@ class JobQueue(Protocol):
 
     async def ping(self) -> None: ...
 
-    async def submit(self, job: Job, *, capacity: int, idempotency_key: str | None = None,
-                     request_hash: str = "") -> Submission: ...
+    async def submit(
+        self,
+        job: Job,
+        *,
+        capacity: int,
+        variant_capacity: int | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+    ) -> Submission: ...
+
+    async def fail_queued(self, key: VariantKey, error: JobError) -> list[str]:
+        """Fail every still-queued job of one variant (nobody serves it); returns their ids."""
+        ...
 
     async def get(self, job_id: str) -> Job | None: ...
 
@@ -162,8 +189,7 @@ class WorkerQueue(Protocol):
 
     async def read(self, keys: list[VariantKey], consumer: str, count: int, block_ms: int) -> list[Delivery]: ...
 
-    async def reclaim(self, keys: list[VariantKey], consumer: str, min_idle_s: float,
-                      count: int) -> list[Delivery]: ...
+    async def reclaim(self, keys: list[VariantKey], consumer: str, min_idle_s: float, count: int) -> list[Delivery]: ...
 
     async def refresh(self, deliveries: list[Delivery], consumer: str) -> set[str]: ...
 
@@ -173,8 +199,15 @@ class WorkerQueue(Protocol):
 
     async def cancel_requested(self, job_ids: list[str]) -> set[str]: ...
 
-    async def finish(self, job_id: str, state: JobState, *, result: JobResult | None = None,
-                     error: JobError | None = None, worker_id: str | None = None) -> bool: ...
+    async def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        result: JobResult | None = None,
+        error: JobError | None = None,
+        worker_id: str | None = None,
+    ) -> bool: ...
 
     async def ack(self, delivery: Delivery) -> None: ...
 

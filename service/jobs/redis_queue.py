@@ -86,6 +86,7 @@ class RedisQueue:
         self._release = self.redis.register_script(lua.RELEASE)
         self._refresh = self.redis.register_script(lua.REFRESH)
         self._dead_letter = self.redis.register_script(lua.DEAD_LETTER)
+        self._fail_queued = self.redis.register_script(lua.FAIL_QUEUED)
         self._streams: dict[str, VariantKey] = {}
         self._reclaim_cursor: dict[str, str] = {}  # stream → where the last XAUTOCLAIM scan stopped
 
@@ -111,7 +112,13 @@ class RedisQueue:
 
     # ------------------------------------------------------------------ API side
     async def submit(
-        self, job: Job, *, capacity: int, idempotency_key: str | None = None, request_hash: str = ""
+        self,
+        job: Job,
+        *,
+        capacity: int,
+        variant_capacity: int | None = None,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
     ) -> Submission:
         key = VariantKey(job.params.model, job.params.variant)
         static = job.model_dump_json(include={"id", "params", "created_at", "deadline_at"})
@@ -139,9 +146,13 @@ class RedisQueue:
                     key.model,
                     key.variant,
                     self.keys.job(""),
+                    "" if variant_capacity is None else variant_capacity,
                 ],
             )
         if out[0] == "full":
+            if out[2] == "variant":
+                assert variant_capacity is not None
+                raise QueueFullError(int(out[1]), variant_capacity, str(key))
             raise QueueFullError(int(out[1]), capacity)
         if out[0] == "exists":
             if out[2] != request_hash:
@@ -151,6 +162,22 @@ class RedisQueue:
                 return Submission(existing, created=False)
         created = await self.get(job.id)
         return Submission(created or job, created=True)
+
+    async def fail_queued(self, key: VariantKey, error: JobError) -> list[str]:
+        stream, failed, error_json = self._key(key), [], error.model_dump_json()
+        with _backend():
+            start = "-"
+            while True:
+                page = await self.redis.xrange(stream, min=start, max="+", count=500)
+                for _entry_id, fields in page:
+                    job_id = fields.get("job_id")
+                    if job_id and await self._fail_queued(
+                        keys=self._job_keys(job_id, key), args=[repr(time.time()), error_json, self.result_ttl_s]
+                    ):
+                        failed.append(job_id)
+                if len(page) < 500:
+                    return failed
+                start = f"({page[-1][0]}"
 
     async def get(self, job_id: str) -> Job | None:
         with _backend():

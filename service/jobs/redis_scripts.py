@@ -39,7 +39,7 @@ end
 
 # KEYS: job, stream, events, queued_total, queued_variant, idempotency (may be unused)
 # ARGV: job_id, static_json, capacity, now, deadline|"", stream_maxlen, use_idem, request_hash, idem_ttl,
-#       model, variant, job_key_prefix
+#       model, variant, job_key_prefix, variant_capacity|""
 SUBMIT = (
     _COMMON
     + """
@@ -54,7 +54,13 @@ if ARGV[7] == "1" then
 end
 local depth = tonumber(redis.call("GET", KEYS[4]) or "0")
 if depth >= tonumber(ARGV[3]) then
-  return {"full", tostring(depth)}
+  return {"full", tostring(depth), ""}
+end
+if ARGV[13] ~= "" then
+  local mine = tonumber(redis.call("GET", KEYS[5]) or "0")
+  if mine >= tonumber(ARGV[13]) then
+    return {"full", tostring(mine), "variant"}
+  end
 end
 local entry = redis.call("XADD", KEYS[2], "MAXLEN", "~", ARGV[6], "*", "job_id", ARGV[1])
 redis.call("HSET", KEYS[1], "state", "queued", "job", ARGV[2], "created_at", ARGV[4], "deadline_at", ARGV[5],
@@ -113,6 +119,16 @@ FINISH = (
     _COMMON
     + """
 return finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+"""
+)
+
+# KEYS: job, events, queued_total, queued_variant
+# ARGV: now, error_json, ttl.  Fails a job only while it waits (nobody serves its variant); a running one is left.
+FAIL_QUEUED = (
+    _COMMON
+    + """
+if redis.call("HGET", KEYS[1], "state") ~= "queued" then return 0 end
+return finish(KEYS[1], KEYS[2], KEYS[3], KEYS[4], "failed", ARGV[1], "", ARGV[2], ARGV[3], "")
 """
 )
 

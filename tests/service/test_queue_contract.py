@@ -158,3 +158,30 @@ async def test_positions_follow_submission_order(queue: Any) -> None:
     [d] = await queue.read([KEY], "w1", 1, 0)
     await queue.start(d, "w1")
     assert await queue.position(await queue.get(jobs[1].id)) == 1
+
+
+async def test_each_variant_has_its_own_share(queue: Any) -> None:
+    for _ in range(2):
+        await queue.submit(make_job(), capacity=10, variant_capacity=2)
+    with pytest.raises(QueueFullError) as e:
+        await queue.submit(make_job(), capacity=10, variant_capacity=2)
+    assert (e.value.depth, e.value.capacity, e.value.variant) == (2, 2, "tiny:fp") and "tiny:fp" in str(e.value)
+    await queue.submit(make_job("w8"), capacity=10, variant_capacity=2)  # the other variant still has room
+    with pytest.raises(QueueFullError) as total:
+        await queue.submit(make_job("w8"), capacity=3, variant_capacity=2)
+    assert total.value.variant is None  # the global bound still holds
+
+
+async def test_fail_queued_fails_only_that_variants_waiting_jobs(queue: Any) -> None:
+    running, waiting, other = make_job(), make_job(), make_job("w8")
+    for j in (running, waiting, other):
+        await queue.submit(j, capacity=10)
+    [d] = await queue.read([KEY], "w1", 1, 0)
+    await queue.start(d, "w1")
+    failed = await queue.fail_queued(KEY, JobError(reason="unserved", message="nobody serves tiny:fp"))
+    assert failed == [waiting.id]
+    states = {j.id: (await queue.get(j.id)).state for j in (running, waiting, other)}
+    assert states == {running.id: JobState.RUNNING, waiting.id: JobState.FAILED, other.id: JobState.QUEUED}
+    assert (await queue.get(waiting.id)).error.reason == "unserved"
+    assert await queue.total_depth() == 1 and (await queue.depths([KEY, OTHER])) == {KEY: 0, OTHER: 1}
+    assert await queue.fail_queued(KEY, JobError(reason="unserved", message="again")) == []
