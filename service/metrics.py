@@ -88,6 +88,8 @@ class Metrics:
         self.model_peak_memory = Gauge(f"{p}_model_peak_memory_bytes",
                                        "peak memory while the variant ran (process RSS on CPU, CUDA max "
                                        "allocated on GPU)", [*MV, "kind"], registry=r)
+        self.variant_psnr = Gauge(f"{p}_variant_psnr_db", "PSNR of the variant against fp (dB), measured when it "
+                                  "was built (eval.json next to its artifact)", MV, registry=r)
         self.models_loaded = Gauge(f"{p}_models_loaded", "variants held in memory by this worker", registry=r)
         self.variant_info = Gauge(f"{p}_variant_info", "recipe and precision of each loaded variant (value 1)",
                                   [*MV, "recipe", "precision", "device"], registry=r)

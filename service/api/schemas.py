@@ -18,9 +18,12 @@ from service.jobs.model import (
     Progress,
     Timings,
 )
+from service.jobs.queue import BuildProgress
 from service.registry import GenerationDefaults, SizeRule
 
 MAX_SEED = 2**63 - 1
+MIN_DEADLINE_S = 1.0  # below this a job expires before any worker can start it: a client mistake, not a 504
+SIZE_PATTERN = r"^(auto|\s*[0-9]{1,5}\s*[xX×]\s*[0-9]{1,5}\s*)$"
 
 
 def _not_blank(v: str) -> str:
@@ -46,7 +49,8 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random; image i uses seed + i")
     n: int = Field(1, ge=1, description="images; 1..limits.max_images (4)")
     output_format: OutputFormat = "png"
-    deadline_s: float | None = Field(None, gt=0, description="expire instead of starting later than this (s)")
+    deadline_s: float | None = Field(None, ge=MIN_DEADLINE_S, description="expire instead of starting later than "
+                                     "this (s); at least 1 s: no job can start sooner")
     debug: DebugOptions | None = Field(None, description="test-only hooks; refused unless enabled in settings")
 
     _prompt = field_validator("prompt")(_not_blank)
@@ -96,6 +100,8 @@ class JobPublic(BaseModel):
     deadline_at: datetime | None = None
     queue_position: int | None = Field(None, description="1 = next to start (queued jobs only)")
     eta_s: float | None = Field(None, description="estimated seconds until it starts (queued jobs only)")
+    waiting_for_build: BuildProgress | None = Field(
+        None, description="queued while a worker builds its variant: the build's phase, done/total and eta_s")
     progress: Progress | None = None
     attempts: int = 0
     worker_id: str | None = None
@@ -125,12 +131,26 @@ class VariantPublic(BaseModel):
     peak_memory_bytes: int | None = None
     memory_kind: str | None = None
     load_seconds: float | None = None
+    progress: BuildProgress | None = Field(None, description="while building: phase, done, total, eta_s")
+    shared_bytes: int | None = Field(None, description="the model's shared parts (text encoders, VAE, tokenizers), "
+                                                       "one copy per worker for all its variants")
     latency: LatencyPublic
     fidelity: dict[str, Any] | None = Field(None, description="the variant's eval.json, when one exists")
     artifact: str | None = None
     workers_loaded: int = 0
     calibration: dict[str, Any] | None = Field(
         None, description="where a missing artifact is calibrated: height, width, steps, guidance, samples")
+
+
+class BuildAccepted(BaseModel):
+    """The answer of ``POST /models/{model}/variants/{variant}/build``."""
+
+    model: str
+    variant: str
+    state: Literal["not_built", "available", "building", "loaded", "failed"]
+    progress: BuildProgress | None = None
+    workers: int = Field(description="live workers serving the variant (one of them builds it)")
+    message: str
 
 
 class ModelPublic(BaseModel):
@@ -154,11 +174,12 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    prompt: str
+    prompt: str = Field(min_length=1, description="what to draw (not blank); at most limits.max_prompt_chars")
     model: str | None = None
-    n: int = Field(1, ge=1)
-    size: str | None = Field(None, description="WIDTHxHEIGHT or 'auto'")
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    n: int = Field(1, ge=1, description="images; 1..limits.max_images (4)")
+    size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT (within the model's sizes) or "
+                                                                     "'auto'")
+    response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: no hosted URLs")
     output_format: OutputFormat = "png"
     quality: str | None = None
     style: str | None = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from service.build_requests import build_requests_for
 from service.jobs.model import FailureReason, ImageOut, Job, JobError, JobResult, JobState, Timings
 from service.jobs.queue import (
     Delivery,
@@ -37,7 +39,18 @@ from service.settings import Settings
 from service.worker import images as imaging
 from service.worker import memory
 from service.worker.batching import group_compatible
-from service.worker.engine import CallStats, Engine, LoadedVariant, Sample, StopBatch
+from service.worker.builder import BuildManager
+from service.worker.engine import (
+    ArtifactMissingError,
+    BuildOutcome,
+    CallStats,
+    Engine,
+    LoadedVariant,
+    Sample,
+    StopBatch,
+    build_route,
+)
+from service.worker.fidelity import psnr_of
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +101,15 @@ class Runner:
         self._next_reclaim = 0.0
         self._running = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.builds = BuildManager(engine, build_requests_for(queue), self._build_done)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Serve until :meth:`request_stop`; then finish or hand back what is held, and withdraw."""
         self._loop = asyncio.get_running_loop()
         await self._with_retry(lambda: self.queue.prepare(self.keys))
-        tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop())]
+        tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop()),
+                 asyncio.create_task(self._build_request_loop())]
         try:
             await self._with_retry(self._advertise)
             await self._preload()
@@ -117,6 +132,8 @@ class Runner:
             await self._release_held()
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.builds.stop()
             with contextlib.suppress(Exception):
                 await self.queue.forget_consumer(self.keys, self.worker_id)
                 await self.queue.withdraw(self.worker_id)
@@ -163,6 +180,10 @@ class Runner:
         for key in [k for k in keys if k in self.keys]:
             if self._stopping.is_set():
                 return
+            if not self.engine.is_built(key):
+                if self.engine.registry.model(key.model).build_on_demand:
+                    self.builds.start(key, "preload")
+                continue
             try:
                 await self._load(key)
             except Exception as e:  # the failure is in the variant's status; keep serving the others
@@ -179,8 +200,7 @@ class Runner:
                     logger.warning("warm-up of %s failed (%s); serving it anyway", key, e)
             m = self.metrics
             m.model_load.labels(key.model, key.variant).observe(lv.load_seconds)
-            if lv.build_seconds is not None:
-                m.model_build.labels(key.model, key.variant).observe(lv.build_seconds)
+            self._set_psnr_gauge(key)
             m.model_weight_bytes.labels(key.model, key.variant).set(lv.weight_bytes)
             m.variant_info.labels(key.model, key.variant, lv.spec.recipe, lv.precision, lv.device).set(1)
             m.models_loaded.set(len(self.engine.loaded_keys()))
@@ -227,11 +247,76 @@ class Runner:
                 with c.lock:
                     c.canceled |= canceled & set(c.job_ids)
 
+    # ------------------------------------------------------------------ builds
+    async def _build_request_loop(self) -> None:
+        """Start the builds asked for with ``POST /models/{model}/variants/{variant}/build``."""
+        while True:
+            await asyncio.sleep(self.settings.queue.heartbeat_interval_s)
+            if self._stopping.is_set():
+                return
+            try:
+                await self.builds.poll_requests(self.keys)
+            except Exception as e:  # Redis away: the next round asks again
+                logger.warning("polling build requests failed: %s", e)
+
+    async def _wait_for_build(self, it: _Item) -> None:
+        """A job whose variant has no artifact: start (or join) its build and put the job back in the queue.
+
+        A failed build fails the job with its reason (``POST …/build`` starts it again); with the model's
+        ``build_on_demand: false`` the job fails at once, naming the build route.
+        """
+        key, job = it.delivery.key, it.job
+        route = build_route(key)
+        error = self.engine.build_error(key)
+        if error is not None:
+            await self._fail(it, FailureReason.MODEL_UNAVAILABLE, f"variant {key}: {error} ({route} retries it)")
+            return
+        if not self.engine.registry.model(key.model).build_on_demand:
+            await self._fail(it, FailureReason.MODEL_UNAVAILABLE,
+                             f"variant {key} is not built and this model builds only on request: {route} "
+                             f"(or `segquant quantize` into {self.engine.artifact_dir(key)})")
+            return
+        if self.builds.start(key, f"job {job.id} needs it"):
+            with contextlib.suppress(Exception):
+                await self._advertise()
+        await self.queue.release(it.delivery, self.worker_id)
+        self._held.pop(it.delivery.entry_id, None)
+        logger.info("job %s waits in the queue for the build of %s", job.id, key)
+
+    async def _build_done(self, key: VariantKey, outcome: BuildOutcome | None, error: BaseException | None) -> None:
+        """After a build: clear its request, record metrics, advertise the new state (waiting jobs are read)."""
+        canceled = error is not None and self._stopping.is_set()
+        if not canceled:
+            with contextlib.suppress(Exception):
+                await self.builds.requests.clear(key)
+        if outcome is not None:
+            if outcome.built_here:
+                self.metrics.model_build.labels(key.model, key.variant).observe(outcome.seconds)
+            self._set_psnr_gauge(key)
+            logger.info("build of %s finished in %.1fs (%s); its queued jobs run now", key, outcome.seconds,
+                        "built here" if outcome.built_here else "built by another worker")
+        elif error is not None and not canceled:
+            logger.warning("build of %s failed: %s; its queued jobs fail with that reason", key, error)
+        with contextlib.suppress(Exception):
+            await self._advertise()
+
+    def _set_psnr_gauge(self, key: VariantKey) -> None:
+        path = self.engine.registry.eval_report_path(key, self.settings.cache_dir)
+        try:
+            report = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError) as e:
+            logger.warning("unreadable eval report %s: %s", path, e)
+            return
+        psnr = psnr_of(report)
+        if psnr is not None:
+            self.metrics.variant_psnr.labels(key.model, key.variant).set(psnr)
+
     # ------------------------------------------------------------------ reading
     def _ordered_keys(self) -> list[VariantKey]:
         """Variants already in memory first, so a worker does not swap models while it has work for one."""
         loaded = set(self.engine.loaded_keys())
-        return sorted(self.keys, key=lambda k: k not in loaded)
+        waiting = [k for k in self.keys if self.builds.active(k)]  # their jobs stay queued until it is built
+        return sorted([k for k in self.keys if k not in waiting], key=lambda k: k not in loaded)
 
     async def _next_deliveries(self) -> list[Delivery]:
         q, w = self.settings.queue, self.settings.worker
@@ -243,13 +328,17 @@ class Runner:
                 logger.info("reclaimed %d job(s) from dead or stalled workers", len(reclaimed))
                 return reclaimed
         got: list[Delivery] = []
-        for key in self._ordered_keys():
+        keys = self._ordered_keys()
+        for key in keys:
             got = await self.queue.read([key], self.worker_id, w.max_batch_size, 0)
             if got:
                 break
         if not got:
             block = int(min(1.0, q.reclaim_idle_s / 2) * 1000)
-            got = await self.queue.read(self._ordered_keys(), self.worker_id, 1, block)
+            if not keys:  # every served variant is building: nothing to read yet
+                await self._sleep_or_stop(block / 1000)
+                return []
+            got = await self.queue.read(keys, self.worker_id, 1, block)
         if got and w.batch_wait_ms > 0 and len(got) < w.max_batch_size:
             deadline = time.monotonic() + w.batch_wait_ms / 1000
             while len(got) < w.max_batch_size and (left := deadline - time.monotonic()) > 0:
@@ -286,6 +375,9 @@ class Runner:
         job = await self.queue.get(d.job_id)
         if job is None or job.state.terminal:
             await self._ack(d)
+            return None
+        if not self.engine.is_built(key):
+            await self._wait_for_build(_Item(d, job))
             return None
         if d.deliveries > 1:
             self.metrics.redeliveries.labels(key.model, key.variant).inc()
@@ -327,7 +419,11 @@ class Runner:
         load_start = time.perf_counter()
         try:
             lv = await self._load(key)
-            load_s = time.perf_counter() - load_start  # ~0 unless this batch waited for a load or build
+            load_s = time.perf_counter() - load_start  # ~0 unless this batch waited for a load
+        except ArtifactMissingError:  # removed since it was admitted: back to the queue, and build it
+            for it in batch:
+                await self._wait_for_build(it)
+            return
         except Exception as e:
             reason = f"variant {key} could not be loaded: {type(e).__name__}: {e}"
             for it in batch:

@@ -1,4 +1,5 @@
-"""``GET /models``: every model × variant with its state, size, latency, memory and fidelity.
+"""``GET /models``: every model × variant with its state, size, latency, memory and fidelity; and
+``POST /models/{model}/variants/{variant}/build``, which starts a background build on a worker serving it.
 
 State and measurements come from the live workers' advertisements (merged: a variant is ``loaded`` if any
 worker holds it); without a live worker the artifact folder decides between ``available`` and
@@ -14,28 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from service.api.deps import StateDep
+from service.api.errors import ApiError
 from service.api.job_service import percentile
-from service.api.schemas import LatencyPublic, ModelPublic, ModelsPublic, VariantPublic
-from service.jobs.queue import QueueUnavailableError, StatsRecord, VariantStatus, WorkerInfo
-from service.registry import VariantKey, VariantSpec
+from service.api.schemas import BuildAccepted, LatencyPublic, ModelPublic, ModelsPublic, VariantPublic
+from service.api.variant_state import build_route, reports, variant_status
+from service.build_requests import build_requests_for
+from service.jobs.queue import QueueUnavailableError, StatsRecord, WorkerInfo
+from service.registry import UnknownModelError, VariantKey, VariantSpec
 
 router = APIRouter(tags=["models"])
 logger = logging.getLogger(__name__)
-
-_RANK = {"loaded": 4, "building": 3, "available": 2, "not_built": 1, "failed": 0}
-
-
-def _merge(statuses: list[VariantStatus]) -> VariantStatus | None:
-    if not statuses:
-        return None
-    best = max(statuses, key=lambda s: _RANK[s.state]).model_copy()
-    peaks = [s.peak_memory_bytes for s in statuses if s.peak_memory_bytes]
-    best.peak_memory_bytes = max(peaks) if peaks else None
-    best.weight_bytes = best.weight_bytes or next((s.weight_bytes for s in statuses if s.weight_bytes), None)
-    return best
-
 
 def _fidelity(path: Path, names: tuple[str, ...]) -> dict[str, Any] | None:
     """A variant's figures: the file itself, or its entry of a ``segquant eval`` report (``variants`` list)."""
@@ -80,12 +72,9 @@ async def list_models(state: StateDep) -> ModelsPublic:
         variants: list[VariantPublic] = []
         for spec in model.variants:
             key = VariantKey(model.name, spec.name)
-            reports = [w.variants[str(key)] for w in workers if str(key) in w.variants]
-            merged = _merge(reports)
+            served = reports(workers, key)
+            merged = variant_status(registry, settings.cache_dir, workers, key)
             artifact = registry.artifact_dir(key, settings.cache_dir) if spec.quantized else None
-            if merged is None:
-                built = artifact is None or (artifact / "manifest.json").is_file()
-                merged = VariantStatus(state="available" if built else "not_built", recipe=spec.recipe)
             try:
                 records = await queue.stats(key)
             except QueueUnavailableError:
@@ -94,13 +83,54 @@ async def list_models(state: StateDep) -> ModelsPublic:
                 name=spec.name, recipe=spec.recipe, state=merged.state, reason=merged.reason,
                 precision=merged.precision or None, device=merged.device or None, weight_bytes=merged.weight_bytes,
                 peak_memory_bytes=merged.peak_memory_bytes, memory_kind=merged.memory_kind,
-                load_seconds=merged.load_seconds, latency=_latency(records),
+                load_seconds=merged.load_seconds, latency=_latency(records), progress=merged.progress,
+                shared_bytes=merged.shared_bytes,
                 fidelity=_fidelity(registry.eval_report_path(key, settings.cache_dir), (spec.name, spec.recipe)),
                 artifact=str(artifact) if artifact else None,
                 calibration=_calibration(spec) if spec.quantized else None,
-                workers_loaded=sum(1 for r in reports if r.state == "loaded")))
+                workers_loaded=sum(1 for r in served if r.state == "loaded")))
         out.append(ModelPublic(name=model.name, source=model.source, description=model.description,
                                default_variant=model.default_variant or model.variants[0].name,
                                sizes=model.size_rule, defaults=model.defaults, components=model.components(),
                                drop_components=model.drop_components, variants=variants))
     return ModelsPublic(data=out)
+
+
+@router.post("/models/{model}/variants/{variant}/build", status_code=202, response_model=BuildAccepted,
+             summary="Build a variant's artifact in the background",
+             responses={200: {"model": BuildAccepted, "description": "already built (or building): nothing new"},
+                        404: {"description": "unknown model or variant"},
+                        409: {"description": "the variant needs no build (it runs the source weights)"}})
+async def build_variant(model: str, variant: str, state: StateDep) -> JSONResponse:
+    """Ask the workers that serve the variant to build it; follow ``state`` and ``progress`` in ``GET /models``."""
+    registry, settings = state.registry, state.settings
+    try:
+        spec = registry.model(model).variant(variant)
+    except UnknownModelError as e:
+        raise ApiError(404, str(e), code=f"unknown_{e.what}", param=e.what, extra={"valid": e.valid}) from None
+    key = VariantKey(model, spec.name)
+    if not spec.quantized:
+        raise ApiError(409, f"variant {key} runs the source weights (recipe {spec.recipe!r}); there is nothing to "
+                            "build", code="nothing_to_build")
+    try:
+        workers: list[WorkerInfo] = await state.queue.workers()
+    except QueueUnavailableError as e:
+        raise ApiError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
+                       headers={"Retry-After": "5"}) from None
+    current = variant_status(registry, settings.cache_dir, workers, key)
+    serving = sum(1 for w in workers if str(key) in w.variants and w.state != "draining")
+    if current.state in ("available", "loaded", "building"):
+        body = BuildAccepted(model=model, variant=spec.name, state=current.state, progress=current.progress,
+                             workers=serving, message=f"variant {key} is already {current.state}")
+        return JSONResponse(body.model_dump(mode="json"), status_code=200)
+    try:
+        await build_requests_for(state.queue).request(key)
+    except QueueUnavailableError as e:
+        raise ApiError(503, f"the job queue is unavailable: {e}", code="queue_unavailable",
+                       headers={"Retry-After": "5"}) from None
+    message = (f"build of {key} requested; GET /models shows its progress" if serving else
+               f"build of {key} requested; no live worker serves this variant yet, the first one to start builds it")
+    logger.info("%s (%s)", message, build_route(key))
+    body = BuildAccepted(model=model, variant=spec.name, state="building" if serving else current.state,
+                         progress=None, workers=serving, message=message)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": "/models"})
