@@ -59,8 +59,9 @@ class _SegmentResult:
     report: SegmentReport
 
 
-def _static_act_scale(act: ActivationSpec, pos: torch.Tensor, neg: torch.Tensor,
-                      s: torch.Tensor | None) -> torch.Tensor | None:
+def _static_act_scale(
+    act: ActivationSpec, pos: torch.Tensor, neg: torch.Tensor, s: torch.Tensor | None
+) -> torch.Tensor | None:
     """Static scale(s) of ``x / s`` from per-channel maxima (exact, no re-run)."""
     if act.dynamic:
         return None
@@ -80,7 +81,8 @@ class _SegmentInputs:
     pos: torch.Tensor
     neg: torch.Tensor
     fit: tuple[torch.Tensor, torch.Tensor]
-    hessian: torch.Tensor | None
+    hessian: torch.Tensor | None  # Σ xxᵀ (a view into the layer's statistics; never written)
+    hessian_count: int
     w_absmax: torch.Tensor  # per input channel, of this segment's weight or (layer scope) the whole layer's
 
     def candidate(self, spec: LayerSpec, alpha: float | None, xmax: torch.Tensor, rank: int):
@@ -128,24 +130,36 @@ def _best_alpha(errors: dict[float | None, float]) -> float | None:
     return min(scored, key=scored.__getitem__)
 
 
-def _finalise_segment(seg: _SegmentInputs, spec: LayerSpec, rank: int, alpha: float | None,
-                      errors: dict[float | None, float]) -> _SegmentResult:
+def _finalise_segment(
+    seg: _SegmentInputs, spec: LayerSpec, rank: int, alpha: float | None, errors: dict[float | None, float]
+) -> _SegmentResult:
     """Build the chosen α with all-data maxima, then round the weight by RTN or GPTQ."""
     act = spec.activation
     s, ws, qw, lr = seg.candidate(spec, alpha, torch.maximum(seg.pos, seg.neg), rank)
     act_scale = _static_act_scale(act, seg.pos, seg.neg, s) if act is not None else None
-    report = SegmentReport(alpha=None if alpha is None else float(alpha),
-                           errors={float(a): e for a, e in errors.items() if a is not None})
+    report = SegmentReport(
+        alpha=None if alpha is None else float(alpha), errors={float(a): e for a, e in errors.items() if a is not None}
+    )
     if spec.gptq and seg.hessian is not None:
-        h = seg.hessian / torch.outer(s, s).double() if s is not None else seg.hessian
-        qw, info = gptq_quantize(ws, h, spec.weight)
-        report.gptq = {"damping": info.damping, "attempts": info.attempts,
-                       "fell_back_to_rtn": info.fell_back_to_rtn, "dead_columns": info.dead_columns}
+        # One new K×K matrix: E[(x/s)(x/s)ᵀ] = Σ xxᵀ / (s sᵀ) / n, which GPTQ then consumes in place.
+        h = seg.hessian / s.unsqueeze(1) if s is not None else seg.hessian.clone()
+        if s is not None:
+            h.div_(s.unsqueeze(0))
+        h.div_(max(seg.hessian_count, 1))
+        qw, info = gptq_quantize(ws, h, spec.weight, overwrite_hessian=True)
+        del h
+        report.gptq = {
+            "damping": info.damping,
+            "attempts": info.attempts,
+            "fell_back_to_rtn": info.fell_back_to_rtn,
+            "dead_columns": info.dead_columns,
+        }
     return _SegmentResult(qw, s, act_scale, lr, report)
 
 
-def _choose_alphas(per_segment: list[dict[float | None, float]], sizes: tuple[int, ...],
-                   scope: str) -> list[float | None]:
+def _choose_alphas(
+    per_segment: list[dict[float | None, float]], sizes: tuple[int, ...], scope: str
+) -> list[float | None]:
     """One α per segment (``segment``), or the α with the lowest summed output error for all (``layer``).
 
     The shared choice weighs each segment's MSE by its number of output elements, so it minimises the
@@ -164,14 +178,22 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
     """Quantize ``linear`` according to ``spec`` using ``stats`` gathered on its inputs."""
     n_out, k_in = linear.out_features, linear.in_features
     segments = spec.segments or Segments("out", (n_out,))
-    w = linear.weight.detach().float().cpu()
+    w = linear.weight.detach().float()  # on the statistics' (= the model's) device
     rows = stats.sample()
     shapes = [(n, k_in) for n in segments.sizes] if segments.axis == "out" else [(n_out, k) for k in segments.sizes]
     rank = min(cap_rank(spec.lowrank, n, k) for n, k in shapes) if spec.lowrank else 0
     if spec.weight.fmt.value == "int4" and any(k % 2 for _, k in shapes):
         raise ValueError(f"{name}: int4 weights need an even input size per segment, got {[k for _, k in shapes]}")
-    cfg = SegLinearConfig(k_in, n_out, segments, spec.weight, spec.activation, linear.bias is not None,
-                          smooth=spec.smooth, lowrank_rank=rank)
+    cfg = SegLinearConfig(
+        k_in,
+        n_out,
+        segments,
+        spec.weight,
+        spec.activation,
+        linear.bias is not None,
+        smooth=spec.smooth,
+        lowrank_rank=rank,
+    )
     layer = SegLinear(cfg)
     reports = []
     # A layer reached only by held-out (odd-numbered) calls has no fit maxima: fit on everything it saw.
@@ -184,13 +206,31 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
         want_h = spec.gptq and stats.hessians is not None
         if segments.axis == "out":
             wk = w[a:b]
-            inputs.append(_SegmentInputs(wk, rows, stats.pos_max, stats.neg_max, (fit_pos, fit_neg),
-                                         stats.hessian(0, k_in) if want_h else None,
-                                         layer_w_absmax if shared else wk.abs().amax(dim=0)))
+            inputs.append(
+                _SegmentInputs(
+                    wk,
+                    rows,
+                    stats.pos_max,
+                    stats.neg_max,
+                    (fit_pos, fit_neg),
+                    stats.hessian_sum(0, k_in) if want_h else None,
+                    stats.count,
+                    layer_w_absmax if shared else wk.abs().amax(dim=0),
+                )
+            )
         else:  # an in-segment's column maxima are the same slice either way
-            inputs.append(_SegmentInputs(w[:, a:b], rows[:, a:b], stats.pos_max[a:b], stats.neg_max[a:b],
-                                         (fit_pos[a:b], fit_neg[a:b]), stats.hessian(a, b) if want_h else None,
-                                         layer_w_absmax[a:b]))
+            inputs.append(
+                _SegmentInputs(
+                    w[:, a:b],
+                    rows[:, a:b],
+                    stats.pos_max[a:b],
+                    stats.neg_max[a:b],
+                    (fit_pos[a:b], fit_neg[a:b]),
+                    stats.hessian_sum(a, b) if want_h else None,
+                    stats.count,
+                    layer_w_absmax[a:b],
+                )
+            )
     errors = [_score_alphas(seg_in, spec, rank) for seg_in in inputs]
     alphas = _choose_alphas(errors, segments.sizes, spec.smooth_scope)
     for seg, seg_in, alpha, errs in zip(layer.segs, inputs, alphas, errors):
@@ -205,7 +245,7 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
             seg.lowrank_down, seg.lowrank_up = res.lowrank
         reports.append(res.report)
     if linear.bias is not None:
-        layer.bias = linear.bias.detach().float().cpu().clone()
+        layer.bias = linear.bias.detach().float().clone()
     capped = bool(spec.lowrank and rank < spec.lowrank)
     return layer, LayerReport(name, reports, rank, capped)
 

@@ -70,10 +70,17 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_steps: int = 20,
-                        steps_per_prompt: int = 4, guidance_scale: float | None = None, seed: int = 0,
-                        call_kwargs: dict[str, Any] | None = None,
-                        progress: bool = True) -> CalibrationSet:
+def capture_calibration(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 20,
+    steps_per_prompt: int = 4,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    call_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> CalibrationSet:
     """Run ``pipe`` on each prompt and keep the denoiser inputs of ``steps_per_prompt`` random steps.
 
     The step subset is drawn from ``random.Random(seed)`` per prompt, so the same arguments always
@@ -86,9 +93,14 @@ def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_step
     model = denoiser_of(pipe)
     rng = random.Random(seed)
     extra = dict(call_kwargs or {})
-    result = CalibrationSet(prompts=list(prompts), num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, seed=seed, height=extra.get("height"),
-                            width=extra.get("width"))
+    result = CalibrationSet(
+        prompts=list(prompts),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        height=extra.get("height"),
+        width=extra.get("width"),
+    )
     state = {"step": 0, "keep": set()}
 
     signature = inspect.signature(model.forward)
@@ -123,23 +135,29 @@ def capture_calibration(pipe: Any, prompts: Sequence[str], *, num_inference_step
     return result
 
 
-def run_calls(model: nn.Module, calls: Sequence[dict[str, Any]], progress: bool = True,
-              desc: str = "calibration pass", on_call: Callable[[int], None] | None = None) -> None:
+def move_call(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """A recorded call on the model's device, floating-point tensors in the model's dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    if isinstance(value, dict):
+        return {k: move_call(x, device, dtype) for k, x in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(move_call(x, device, dtype) for x in value)
+    return value
+
+
+def run_calls(
+    model: nn.Module,
+    calls: Sequence[dict[str, Any]],
+    progress: bool = True,
+    desc: str = "calibration pass",
+    on_call: Callable[[int], None] | None = None,
+) -> None:
     """Feed recorded calls through ``model`` (on the model's device), discarding outputs."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-
-    def move(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-        if isinstance(v, dict):
-            return {k: move(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(move(x) for x in v)
-        return v
-
     with torch.no_grad():
         for i, call in enumerate(tqdm(calls, desc=desc, disable=not progress)):
             if on_call:
                 on_call(i)
-            model(**move(call))
+            model(**move_call(call, device, dtype))

@@ -5,6 +5,11 @@ columns through the inverse Hessian ``H⁻¹`` of the layer inputs (``H = E[xx�
 with lazy updates. Scales are fixed *before* the loop from the unmodified weight, so GPTQ only changes
 which grid point each weight lands on. Dead input channels (zero Hessian diagonal) are zeroed; when the
 damped Cholesky fails, damping grows ×10 up to ``max_retries`` times, then we fall back to plain rounding.
+
+Everything is fp32 on the Hessian's device (as in the GPTQ paper's code): the damped Cholesky of a mean
+``xxᵀ`` is well conditioned, and fp64 would double the largest temporaries (K×K; 0.9 GB per copy for
+Flux's K = 15360). The Hessian passed in may be consumed in place (``overwrite_hessian``) so that at most
+two further K×K matrices exist at once.
 """
 
 from __future__ import annotations
@@ -28,23 +33,38 @@ class GPTQInfo:
     dead_columns: int
 
 
-def _inverse_hessian_factor(h: torch.Tensor, percdamp: float,
-                            max_retries: int) -> tuple[torch.Tensor | None, float, int]:
-    diag_mean = float(torch.diagonal(h).mean())
+def _inverse_hessian_factor(
+    h: torch.Tensor, percdamp: float, max_retries: int
+) -> tuple[torch.Tensor | None, float, int]:
+    """Upper Cholesky factor of ``(h + damp·I)⁻¹``; ``h``'s diagonal is left damped."""
+    diag = torch.diagonal(h)
+    undamped = diag.clone()
+    diag_mean = float(undamped.mean())
     damp = percdamp * (diag_mean if diag_mean > 0 else 1.0)
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     for attempt in range(1, max_retries + 1):
-        try:
-            chol = torch.linalg.cholesky(h + damp * eye)
+        diag.copy_(undamped + damp)
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(hinv, upper=True), damp, attempt
-        except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-            damp *= 10.0
+            del chol
+            u, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
+            if int(info) == 0 and bool(torch.isfinite(u).all()):
+                return u, damp, attempt
+        damp *= 10.0
     return None, damp, max_retries
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, blocksize: int = 128,
-                  percdamp: float = 0.01, max_retries: int = 10) -> tuple[QuantizedWeight, GPTQInfo]:
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: WeightSpec,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    max_retries: int = 10,
+    overwrite_hessian: bool = False,
+) -> tuple[QuantizedWeight, GPTQInfo]:
     """GPTQ-round ``w [N, K]`` given ``hessian [K, K]`` (mean ``xxᵀ`` of the inputs ``w`` sees)."""
     k = w.shape[1]
     if hessian.shape != (k, k):
@@ -52,11 +72,13 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec: WeightSpec, *, b
     w = w.detach().float().clone()
     scale = weight_scale(w, spec)
     col_scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(1, 1)
-    h = hessian.detach().double().clone()
+    h = hessian.detach()
+    h = h.float() if overwrite_hessian else h.float().clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     u, damp, attempts = _inverse_hessian_factor(h, percdamp, max_retries)
+    del h
     if u is None:
         logger.warning("GPTQ: Cholesky failed after %d damping retries; using round-to-nearest", attempts)
         return encode_weight(w, spec, scale), GPTQInfo(damp, attempts, True, int(dead.sum()))
