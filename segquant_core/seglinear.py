@@ -19,7 +19,9 @@ never writes into its caller's input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,6 +34,21 @@ from segquant_core.quantizers import ActivationSpec, QuantizedWeight, WeightSpec
 
 if TYPE_CHECKING:
     from segquant_core.backends.base import Backend
+
+
+def tensor_bytes_once(t: torch.Tensor, seen: set[int]) -> int:
+    """``t``'s storage bytes, or 0 if it is on the meta device or its storage was counted already."""
+    if t.is_meta or t.device.type == "meta":
+        return 0
+    try:
+        storage = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # opaque tensors (e.g. oneDNN prepacked weights)
+        return t.numel() * t.element_size()
+    key = storage.data_ptr()
+    if key in seen:
+        return 0
+    seen.add(key)
+    return storage.nbytes()
 
 
 @dataclass(frozen=True)
@@ -111,11 +128,17 @@ class QuantSegment(nn.Module):
         self.register_buffer("lowrank_down", torch.zeros(k, r) if r else None)
         self.register_buffer("lowrank_up", torch.zeros(r, n) if r else None)
         self.fmt = ws.fmt if ws else None
+        self.recover: Callable[[], torch.Tensor] | None = None  # set while a kernel holds the codes
 
     def quantized_weight(self) -> QuantizedWeight:
         if self.fmt is None or self.weight_scale is None:
             raise ValueError("this segment's weight is not quantized")
-        return QuantizedWeight(data=self.weight, scale=self.weight_scale, fmt=self.fmt)
+        data = self.weight
+        if data.is_meta:
+            if self.recover is None:
+                raise RuntimeError("this segment's weight codes are on the meta device (never loaded)")
+            data = self.recover()  # released: re-derived from the kernel that holds them, not kept
+        return QuantizedWeight(data=data, scale=self.weight_scale, fmt=self.fmt)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight block as the arithmetic sees it (fp32)."""
@@ -149,6 +172,31 @@ class SegLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.out_features) if cfg.bias else None)
         self._backend: Backend | None = None
         self._prepared: Any = None
+        self._released: Backend | None = None  # the backend whose kernel holds the codes while released
+
+    @classmethod
+    def empty(cls, cfg: SegLinearConfig) -> SegLinear:
+        """A layer with every buffer on the meta device: no memory until tensors are assigned to it."""
+        with torch.device("meta"):
+            return cls(cfg)
+
+    def assign_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take ``state`` (as from :meth:`state_dict`) as the layer's own buffers, without copying.
+
+        Raises ``ValueError`` naming the first missing, unexpected or mis-shaped tensor.
+        """
+        own = dict(self.named_buffers())
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
+        for key, t in state.items():
+            if t.shape != own[key].shape or t.dtype != own[key].dtype:
+                raise ValueError(f"{key}: stored {t.dtype} {tuple(t.shape)}, the config needs "
+                                 f"{own[key].dtype} {tuple(own[key].shape)}")
+            owner_name, _, attr = key.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            owner._buffers[attr] = t
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -183,11 +231,70 @@ class SegLinear(nn.Module):
         return self._backend
 
     def set_backend(self, backend: Backend) -> None:
+        self.restore_codes()
         reason = backend.unsupported_reason(self)
         if reason:
             raise ValueError(f"backend {backend.name!r} cannot run this layer: {reason}")
         self._backend = backend
         self._prepared = backend.prepare(self)
+        if backend.holds_codes(self._prepared):
+            self.release_codes()
+
+    # ------------------------------------------------------------------ one resident copy of each weight
+    @property
+    def device(self) -> torch.device:
+        """Where the layer lives (its weight codes may be released; its scales never are)."""
+        for t in self.buffers():
+            if not t.is_meta:
+                return t.device
+        return self.segs[0].weight.device
+
+    @property
+    def codes_released(self) -> bool:
+        return self._released is not None
+
+    def release_codes(self) -> None:
+        """Drop the segments' weight codes: the backend's prepacked kernel is then their only resident copy.
+
+        Shapes and dtypes stay (as meta tensors), so configs and byte counts still read them;
+        :meth:`restore_codes` brings the codes back from the kernel when something needs them (save,
+        export, a backend or device change).
+        """
+        if self._backend is None or self.cfg.weight is None:
+            return
+        for i, seg in enumerate(self.segs):
+            seg.weight = torch.empty(seg.weight.shape, dtype=seg.weight.dtype, device="meta")
+            seg.recover = partial(self._recovered_codes, i)
+        self._released = self._backend
+
+    def _recovered_codes(self, index: int) -> torch.Tensor:
+        assert self._released is not None
+        codes = self._released.recover_codes(self, self._prepared)
+        assert codes is not None
+        return codes[index]
+
+    def restore_codes(self) -> None:
+        """Re-derive the weight codes from the kernel that holds them (no-op when they are resident)."""
+        if self._released is None:
+            return
+        codes = self._released.recover_codes(self, self._prepared)
+        if codes is None:  # holds_codes() promised otherwise: a backend bug, not bad input
+            raise RuntimeError(f"backend {self._released.name!r} released codes it cannot recover")
+        for seg, c in zip(self.segs, codes):
+            seg.weight = c
+            seg.recover = None
+        self._released = None
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        """The state dict with real weight codes, re-derived from the kernel if released (the layer keeps
+        its single resident copy)."""
+        state = {k: v for k, v in self.state_dict().items()}
+        if self._released is not None:
+            codes = self._released.recover_codes(self, self._prepared)
+            assert codes is not None
+            for i, c in enumerate(codes):
+                state[f"segs.{i}.weight"] = c
+        return state
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Device moves apply; dtype casts do not (``model.to(torch.bfloat16)`` must not turn int8 codes,
@@ -197,9 +304,12 @@ class SegLinear(nn.Module):
             target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
             return t if target.device == t.device else t.to(target.device)
 
+        self.restore_codes()
         out = super()._apply(move_only, recurse)
         if self._backend is not None:
             self._prepared = self._backend.prepare(self)
+            if self._backend.holds_codes(self._prepared):
+                self.release_codes()
         return out
 
     # ------------------------------------------------------------------ forward
@@ -222,8 +332,23 @@ class SegLinear(nn.Module):
             total += self.bias.numel() * self.bias.element_size()
         return total
 
+    def resident_bytes(self, seen: set[int] | None = None) -> int:
+        """Bytes this layer really holds: its non-released buffers plus the backend's kernel state.
+
+        ``seen`` (storage addresses already counted) lets a caller count a whole model without counting a
+        tensor twice when the kernel state shares storage with a buffer.
+        """
+        seen = set() if seen is None else seen
+        total = 0
+        for t in self.buffers():
+            total += tensor_bytes_once(t, seen)
+        if self._backend is not None:
+            total += self._backend.state_bytes(self._prepared, seen)
+        return total
+
     def dequantized_weight(self) -> torch.Tensor:
         """``[N, K]`` effective weight in the *smoothed* domain of each segment (for inspection)."""
+        self.restore_codes()
         blocks = [s.dequantized_weight() for s in self.segs]
         return torch.cat(blocks, dim=0 if self.cfg.segments.axis == "out" else 1)
 

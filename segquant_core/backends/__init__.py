@@ -56,7 +56,8 @@ def select_backend(layer: nn.Module, prefer: str = "auto") -> Backend:
         if reason:
             raise ValueError(f"backend {prefer!r} cannot run this layer: {reason}")
         return backend
-    device = next(iter(layer.buffers())).device.type
+    device = getattr(layer, "device", None) or next(iter(layer.buffers())).device
+    device = device.type
     for name in _AUTO_ORDER.get(device, ["reference"]):
         cls = _REGISTRY[name]
         if cls.available() and cls().unsupported_reason(layer) is None:  # type: ignore[arg-type]

@@ -39,5 +39,19 @@ class Backend(ABC):
     def run(self, layer: SegLinear, state: Any, x: torch.Tensor) -> torch.Tensor:
         """``x [M, K]`` → ``y [M, N]`` (bias included), in fp32 or the input dtype."""
 
+    # One resident copy of each weight: a backend whose prepared state can give the codes back lets the
+    # layer drop its own copy (SegLinear.release_codes).
+    def holds_codes(self, state: Any) -> bool:
+        """Whether ``state`` can give back every segment's weight codes (:meth:`recover_codes`)."""
+        return False
+
+    def recover_codes(self, layer: SegLinear, state: Any) -> list[torch.Tensor] | None:
+        """Each segment's weight codes in their stored form (packed int4 as uint8), or None if unknown."""
+        return None
+
+    def state_bytes(self, state: Any, seen: set[int]) -> int:
+        """Bytes held by the prepared state that the layer's buffers do not already hold."""
+        return 0
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"

@@ -42,15 +42,56 @@ if TYPE_CHECKING:
 
 @dataclass
 class CpuPacked:
-    """A group's weight for both kernels, and which one won per power-of-two bucket of M."""
+    """A group's weight for the CPU kernels, and which one won per power-of-two bucket of M.
+
+    The oneDNN prepack is the weight's one resident copy: the unpacked codes are dropped after packing
+    and re-derived from it (:func:`onednn_codes`) for the kernels that are packed later, on first use.
+    """
 
     onednn: torch.Tensor  # prepacked oneDNN weight
-    w_t: torch.Tensor  # int8 [K, N] (column-major view of [N, K]) for torch._int_mm
+    n: int
+    k: int
     zero_points: torch.Tensor
     choice: dict[int, str] = field(default_factory=dict)
     act_scales: tuple[float, ...] = ()  # static activation scale(s) as Python floats, for the fused calls
+    w_t: torch.Tensor | None = None  # int8 [K, N] for torch._int_mm, made on first use (forced or autotuned)
     fbgemm: Any = None  # fbgemm packed weight (with the column scales), made on first small-M call
     fbgemm_static: Any = None  # ... with the bias too, for the one-call static single-scale path
+
+
+# Row block when re-deriving codes from a oneDNN prepack (an identity GEMM): bounds its temporaries.
+UNPACK_ROWS = 512
+
+
+def onednn_codes(packed: CpuPacked) -> torch.Tensor:
+    """The int8 codes ``[N, K]`` a oneDNN prepack holds, recovered exactly.
+
+    oneDNN offers no unpack for its blocked layout, so the prepack multiplies the identity: activation
+    codes ``128 + e_j`` (zero point 128) with unit scales give ``W[:, j]`` as small integers in fp32,
+    which convert back exactly. Costs one ``K × K × N`` integer GEMM; used for save, export and the
+    lazily packed kernels, never per call.
+    """
+    n, k = packed.n, packed.k
+    ones = torch.ones(n)
+    out = torch.empty(n, k, dtype=torch.int8)
+    for r0 in range(0, k, UNPACK_ROWS):
+        r1 = min(k, r0 + UNPACK_ROWS)
+        eye = torch.full((r1 - r0, k), 128, dtype=torch.uint8)
+        eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = 129
+        y = torch.ops.onednn.qlinear_pointwise(eye, 1.0, 128, packed.onednn, ones, packed.zero_points, None,
+                                               1.0, 0, torch.float32, "none", [], "")
+        out[:, r0:r1] = y.t().round().to(torch.int8)
+    return out
+
+
+def _codes(packed: CpuPacked, group: GemmGroup) -> torch.Tensor:
+    return group.codes if group.codes is not None else onednn_codes(packed)
+
+
+def fbgemm_packed_bytes(n: int, k: int, bias: bool) -> int:
+    """fbgemm's packed per-channel int8 weight: codes, fp64 scales, int64 zero points (+ fp32 bias).
+    Counted from that layout: the packed object does not report its size."""
+    return n * k + 16 * n + (4 * n if bias else 0)
 
 
 # Rows of x (before DualScale stacking) up to which the fbgemm kernel is used. Measured on the 2-core
@@ -67,12 +108,13 @@ def fbgemm_available() -> bool:
             and hasattr(torch, "_make_per_channel_quantized_tensor"))
 
 
-def _fbgemm_pack(group: GemmGroup, bias: torch.Tensor | None = None) -> Any:
+def _fbgemm_pack(packed: CpuPacked, group: GemmGroup, bias: torch.Tensor | None = None) -> Any:
     """Per-channel qint8 weight (codes + column scales, optionally the bias) prepacked for fbgemm."""
-    n = group.codes.shape[0]
+    n = packed.n
+    codes = _codes(packed, group)
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch but still the way to pack
         warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(group.codes.contiguous(), group.w_scale.double(),
+        qw = torch._make_per_channel_quantized_tensor(codes.contiguous(), group.w_scale.double(),
                                                       torch.zeros(n, dtype=torch.long), 0)
         return torch.ops.quantized.linear_prepack(qw, bias)
 
@@ -101,7 +143,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         cfg = layer.cfg
         if not self.available():
             return "oneDNN quantized linear ops are not in this torch build"
-        if layer.segs[0].weight.device.type != "cpu":
+        if layer.device.type != "cpu":
             return "layer is not on the CPU"
         if cfg.weight is None or not cfg.weight.fmt.is_int:
             return "weights are not int8/int4"
@@ -110,10 +152,28 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         return None
 
     def pack(self, group: GemmGroup) -> CpuPacked:
+        assert group.codes is not None
         codes = group.codes.contiguous()
-        zps = torch.zeros(codes.shape[0], dtype=torch.int64)
+        n, k = codes.shape
+        zps = torch.zeros(n, dtype=torch.int64)
         scales = tuple(group.act_scale.float().reshape(-1).tolist()) if group.act_scale is not None else ()
-        return CpuPacked(torch.ops.onednn.qlinear_prepack(codes, None), codes.t(), zps, act_scales=scales)
+        return CpuPacked(torch.ops.onednn.qlinear_prepack(codes, None), n, k, zps, act_scales=scales)
+
+    def unpack(self, packed: Any, group: GemmGroup) -> torch.Tensor | None:
+        return onednn_codes(packed)
+
+    def packed_bytes(self, packed: Any, seen: set[int]) -> int:
+        from segquant_core.seglinear import tensor_bytes_once
+
+        p: CpuPacked = packed
+        total = p.n * p.k + tensor_bytes_once(p.zero_points, seen)  # the prepack: one int8 per weight
+        if p.w_t is not None:
+            total += tensor_bytes_once(p.w_t, seen)
+        if p.fbgemm is not None:
+            total += fbgemm_packed_bytes(p.n, p.k, bias=False)
+        if p.fbgemm_static is not None:
+            total += fbgemm_packed_bytes(p.n, p.k, bias=True)
+        return total
 
     def _choose(self, packed: CpuPacked, x: torch.Tensor, act: ActivationSpec, group: GemmGroup) -> str:
         mode = os.environ.get("SEGQUANT_CPU_GEMM", "rule")
@@ -187,7 +247,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         """
         p, g = pg.packed, pg.group
         if p.fbgemm_static is None:
-            p.fbgemm_static = _fbgemm_pack(g, bias)
+            p.fbgemm_static = _fbgemm_pack(p, g, bias)
         xs = x.float() if g.smooth is None else x.float() / g.smooth
         return _fbgemm(xs, p.fbgemm_static, p.act_scales[0])
 
@@ -198,7 +258,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         then ``y⁺·s⁺ + y⁻·s⁻ (+ bias)`` over M rows only."""
         p, g = pg.packed, pg.group
         if p.fbgemm is None:
-            p.fbgemm = _fbgemm_pack(g)
+            p.fbgemm = _fbgemm_pack(p, g)
         sp, sn = p.act_scales[:2]
         m = x.shape[0]
         codes, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=False, as_float=True)
@@ -282,7 +342,7 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         scalar = isinstance(row_scale, float)
         if codes.dtype == torch.float32:  # fbgemm: exact integer codes as floats, requantized with scale 1
             if packed.fbgemm is None:
-                packed.fbgemm = _fbgemm_pack(group)
+                packed.fbgemm = _fbgemm_pack(packed, group)
             y = _fbgemm(codes, packed.fbgemm).mul_(row_scale)
             return y.add_(bias) if bias is not None else y
         if codes.dtype == torch.uint8:  # oneDNN: codes were shifted by +128 in encode()
@@ -290,6 +350,8 @@ class OneDNNInt8Backend(GroupedGemmBackend):
                 codes, row_scale if scalar else 1.0, 128, packed.onednn, group.w_scale, packed.zero_points, bias,
                 1.0, 0, torch.float32, "none", [], "")
             return y if scalar else y.mul_(row_scale)
+        if packed.w_t is None:
+            packed.w_t = _codes(packed, group).t()
         y = torch._int_mm(codes, packed.w_t).float().mul_(group.w_scale)
         y = y.mul_(row_scale)
         return y.add_(bias) if bias is not None else y

@@ -17,6 +17,7 @@ import torch
 
 from segquant_core.backends.base import Backend
 from segquant_core.backends.grouping import GemmGroup, plan_gemms
+from segquant_core.formats import QuantFormat, pack_int4
 from segquant_core.quantizers import ActivationSpec, encode_activation
 
 if TYPE_CHECKING:
@@ -53,12 +54,72 @@ class GroupedGemmBackend(Backend):
         or an fp32 ``[R, 1]`` tensor.
         """
 
+    def unpack(self, packed: Any, group: GemmGroup) -> torch.Tensor | None:
+        """The group's int8 codes ``[N_g, K_g]`` re-derived from its packed weight; None if this backend
+        cannot (it then keeps ``group.codes``)."""
+        return None
+
+    def packed_bytes(self, packed: Any, seen: set[int]) -> int:
+        """Bytes of one group's packed kernel state (see :meth:`Backend.state_bytes`)."""
+        return 0
+
     def prepare(self, layer: SegLinear) -> PreparedLayer:
         groups = plan_gemms(layer)
-        prepared = [PreparedGroup(g, self.pack(g), g.codes.shape[0]) for g in groups]
+        prepared = [PreparedGroup(g, self.pack(g), g.codes.shape[0]) for g in groups if g.codes is not None]
         fuse = len(groups) == 1 and groups[0].lowrank is None
         bias = layer.bias.float() if layer.bias is not None else None
+        if type(self).unpack is not GroupedGemmBackend.unpack:
+            for pg in prepared:  # the packed kernel is now the group's only copy of its codes
+                pg.group.codes = None
         return PreparedLayer(prepared, bias, fuse and bias is not None)
+
+    def group_codes(self, pg: PreparedGroup) -> torch.Tensor:
+        """A group's unpacked codes, re-derived from the kernel when the group no longer holds them."""
+        if pg.group.codes is not None:
+            return pg.group.codes
+        codes = self.unpack(pg.packed, pg.group)
+        assert codes is not None
+        return codes
+
+    def holds_codes(self, state: Any) -> bool:
+        return isinstance(state, PreparedLayer) and all(pg.group.codes is None for pg in state.groups)
+
+    def recover_codes(self, layer: SegLinear, state: Any) -> list[torch.Tensor] | None:
+        if not self.holds_codes(state):
+            return None
+        cfg = layer.cfg
+        bounds = cfg.segments.bounds()
+        blocks: list[torch.Tensor] = []
+        for pg in state.groups:
+            codes = self.group_codes(pg)
+            if cfg.segments.axis == "in":
+                blocks.append(codes)
+                continue
+            assert pg.group.out_slice is not None
+            start = pg.group.out_slice[0]
+            for a, b in bounds:
+                if pg.group.out_slice[0] <= a and b <= pg.group.out_slice[1]:
+                    blocks.append(codes[a - start:b - start].contiguous())
+        if len(blocks) != len(bounds):
+            raise RuntimeError(f"recovered {len(blocks)} code blocks for {len(bounds)} segments")
+        if cfg.weight is not None and cfg.weight.fmt is QuantFormat.INT4:
+            return [pack_int4(b) for b in blocks]
+        return blocks
+
+    def state_bytes(self, state: Any, seen: set[int]) -> int:
+        from segquant_core.seglinear import tensor_bytes_once
+
+        if not isinstance(state, PreparedLayer):
+            return 0
+        total = 0 if state.bias is None else tensor_bytes_once(state.bias, seen)
+        for pg in state.groups:
+            g = pg.group
+            lowrank = list(g.lowrank) if g.lowrank is not None else []
+            for t in (g.codes, g.smooth, g.act_scale, g.w_scale, *lowrank):
+                if t is not None:
+                    total += tensor_bytes_once(t, seen)
+            total += self.packed_bytes(pg.packed, seen)
+        return total
 
     def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
                packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:

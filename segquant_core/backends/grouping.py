@@ -25,7 +25,7 @@ class GemmGroup:
     out_slice: tuple[int, int] | None  # None: accumulate into the whole output (in-segments)
     smooth: torch.Tensor | None
     act_scale: torch.Tensor | None  # static scales [P]; None when dynamic
-    codes: torch.Tensor  # unpacked weight codes [N_g, K_g] (int8 or float8)
+    codes: torch.Tensor | None  # unpacked weight codes [N_g, K_g] (int8 or float8); None once a kernel holds them
     w_scale: torch.Tensor  # fp32 [N_g], one per output column
     lowrank: tuple[torch.Tensor, torch.Tensor] | None
 

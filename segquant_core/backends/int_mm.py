@@ -33,7 +33,7 @@ class IntMMBackend(GroupedGemmBackend):
             return "weights are not int8/int4"
         if cfg.activation is None or cfg.activation.fmt.value != "int8":
             return "activations are not int8"
-        if layer.segs[0].weight.device.type == "cuda":
+        if layer.device.type == "cuda":
             shapes = cfg.segment_shapes()
             if any(k % 8 or n % 8 for n, k in shapes):
                 return "cuBLAS int8 GEMM needs every segment's K and N to be multiples of 8"
@@ -45,7 +45,16 @@ class IntMMBackend(GroupedGemmBackend):
 
     def pack(self, group: GemmGroup) -> Any:
         # [N, K] row-major viewed as a column-major [K, N] operand.
+        assert group.codes is not None
         return group.codes.contiguous().t()
+
+    def unpack(self, packed: Any, group: GemmGroup) -> torch.Tensor | None:
+        return packed.t()  # the packed operand is the codes themselves, transposed
+
+    def packed_bytes(self, packed: Any, seen: set[int]) -> int:
+        from segquant_core.seglinear import tensor_bytes_once
+
+        return tensor_bytes_once(packed, seen)
 
     def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
              bias: torch.Tensor | None) -> torch.Tensor:

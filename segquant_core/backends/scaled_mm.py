@@ -32,7 +32,7 @@ class ScaledMMFp8Backend(GroupedGemmBackend):
             return "weights are not fp8 e4m3"
         if cfg.activation is None or cfg.activation.fmt is not QuantFormat.FP8_E4M3:
             return "activations are not fp8 e4m3"
-        device = layer.segs[0].weight.device
+        device = layer.device
         if device.type == "cuda":
             if not _cuda_fp8_capable(device):
                 return "fp8 GEMM needs a CUDA device of compute capability 8.9 or newer"

@@ -153,7 +153,7 @@ class TritonFusedBackend(Backend):
         cfg = layer.cfg
         if not self.available():
             return "Triton is not installed or there is no CUDA device (set TRITON_INTERPRET=1 to emulate)"
-        device = layer.segs[0].weight.device.type
+        device = layer.device.type
         if device != "cuda" and not interpreting():
             return "layer is not on a CUDA device"
         if cfg.weight is None or not cfg.weight.fmt.is_int:
@@ -170,7 +170,7 @@ class TritonFusedBackend(Backend):
         cfg = layer.cfg
         act = cfg.activation
         assert act is not None
-        device = layer.segs[0].weight.device
+        device = layer.device
         groups = plan_gemms(layer)
         dual = act.dual
         launches: list[_Launch] = []

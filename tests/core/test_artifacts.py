@@ -66,11 +66,11 @@ def test_safetensors_holds_low_bit_codes_and_fp32_scales(tmp_path):
     for spec, code_dtype in expected.items():
         m = _quantized(spec)
         d = save(m, tmp_path / spec)
-        with safe_open(str(d / "quantized.safetensors"), framework="pt") as f:
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
             keys = list(f.keys())
             dtypes = {k: f.get_tensor(k).dtype for k in keys}
-            assert f.metadata() == {"format": "segquant-artifact"}
-        weights = [k for k in keys if k.endswith(".weight")]
+            assert f.metadata() == {"format": "segquant-artifact", "format_version": "2"}
+        weights = [k for k in keys if k.endswith(".weight") and ".segs." in k]
         assert len(weights) == 3 + 1 + 1 + 2 + 1  # ada: 3 out-segments, q, k, proj: 2 in-segments, ff
         assert all(dtypes[k] == code_dtype for k in weights), spec
         scales = [k for k in keys if k.endswith(("weight_scale", "act_scale", "smooth"))]
@@ -79,7 +79,7 @@ def test_safetensors_holds_low_bit_codes_and_fp32_scales(tmp_path):
         # only the quantized layers are stored, no float copies of the original weights
         assert not any(k.endswith(("ada.weight", "q.weight")) for k in keys)
         if spec == "w4a8-segquant":
-            with safe_open(str(d / "quantized.safetensors"), framework="pt") as f:
+            with safe_open(str(d / "model.safetensors"), framework="pt") as f:
                 assert tuple(f.get_tensor("q.segs.0.weight").shape) == (32, 16)  # K/2 packed bytes
         manifest = read_manifest(d)
         assert manifest["layers"]["ada"]["segments"] == {"axis": "out", "sizes": [32, 32, 32]}
@@ -123,14 +123,14 @@ def test_load_never_unpickles(tmp_path, monkeypatch):
     load(d, fresh)
     assert isinstance(fresh.ada, SegLinear)
     assert not any(p.suffix in (".pt", ".pth", ".bin", ".pkl") for p in d.iterdir())
-    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "quantized.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "model.safetensors"]  # no config: not diffusers
 
 
 def test_bad_manifests_raise_artifact_error(tmp_path):
     d = save(_quantized(), tmp_path / "a")
     manifest_path = d / "manifest.json"
     good = json.loads(manifest_path.read_text())
-    for change, msg in (({"format_version": 2}, "version 2 is not supported"),
+    for change, msg in (({"format_version": 3}, "version 3 is not supported"),
                         ({"format": "something-else"}, "not a segquant artifact")):
         manifest_path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ArtifactError, match=msg):
@@ -147,9 +147,9 @@ def test_tensors_that_do_not_match_the_config_raise(tmp_path):
     from safetensors.torch import load_file, save_file
 
     d = save(_quantized(), tmp_path / "a")
-    tensors = load_file(str(d / "quantized.safetensors"))
+    tensors = load_file(str(d / "model.safetensors"))
     del tensors["proj.segs.1.weight_scale"]
-    save_file(tensors, str(d / "quantized.safetensors"))
+    save_file(tensors, str(d / "model.safetensors"))
     with pytest.raises(ArtifactError, match="'proj'"):
         load(d, SegToy())
 
@@ -229,7 +229,7 @@ def test_weight_bytes_vs_bf16(tmp_path, spec, ratio):
     plan = Plan([LayerPlan("fc1"), LayerPlan("fc2", None, True)])
     quantize(m, spec, [{"x": torch.randn(64, 256, generator=gen(1))}], plan, progress=False)
     d = save(m, tmp_path / "a")
-    with safe_open(str(d / "quantized.safetensors"), framework="pt") as f:
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
         stored = {n: sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
                          if k.startswith(n + ".")) for n in ("fc1", "fc2")}
     for n in ("fc1", "fc2"):
