@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     from segquant_core.prompts import choose_prompts
 
     drop = drop_list(args.drop_components)
-    size = calibration_size(args.model_dir, args.height, args.width)
     pipe = load_pipeline(args.model_dir, drop)
+    size = calibration_size(args.model_dir, args.height, args.width, pipe)
 
     def say(line: str) -> None:
         print(f"segquant: {line}")

@@ -12,6 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Trace one forward pass of the denoiser and print one record per nn.Linear.")
     p.add_argument("model_dir", help="diffusers pipeline or model directory (or hub id when online)")
     p.add_argument("--component", choices=["transformer", "unet"], help="which denoiser of a pipeline")
+    p.add_argument("--drop-components", default="",
+                   help="comma-separated optional components to load as None, e.g. text_encoder_3")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (the editable format)")
     p.add_argument("--reasons", action="store_true", help="include why each pattern fired (JSON only)")
     p.set_defaults(run=run)
@@ -19,9 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import segquant_core as sq
+    from segquant_cli.commands.quantize import drop_list
     from segquant_core.detect import example_inputs_for
 
-    model, _ = load_denoiser(args.model_dir, args.component)
+    model, _ = load_denoiser(args.model_dir, args.component, drop_list(args.drop_components))
     plan = sq.detect(model, example_inputs_for(model))
     if args.json:
         print(plan.to_json(with_reasons=args.reasons))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 from pathlib import Path
@@ -49,17 +50,23 @@ def _read_prompts(path: str | None) -> list[str] | None:
     return prompts
 
 
-def calibration_size(model_dir: str, height: int | None, width: int | None) -> dict[str, int]:
-    """``{"height", "width"}`` to calibrate at: the flags, else the size the service would serve by default."""
+def calibration_size(model_dir: str, height: int | None, width: int | None, pipe: Any = None) -> dict[str, Any]:
+    """Pipeline-call arguments for the size to run at: the flags, else the size the service serves by default.
+
+    Pipelines that bin sizes (PixArt) are told not to, so the size asked for is the size rendered.
+    """
     for flag, value in (("--height", height), ("--width", width)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be ≥ 1")
-    if height is not None and width is not None:
-        return {"height": height, "width": width}
-    from service.registry import derive_size_rule
+    if height is None or width is None:
+        from service.registry import derive_size_rule
 
-    default = derive_size_rule(str(model_dir)).default
-    return {"height": height or default, "width": width or default}
+        default = derive_size_rule(str(model_dir)).default
+        height, width = height or default, width or default
+    out: dict[str, Any] = {"height": height, "width": width}
+    if pipe is not None and "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+        out["use_resolution_binning"] = False
+    return out
 
 
 def drop_list(text: str) -> tuple[str, ...]:
@@ -111,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         n_prompts = math.ceil(args.calib_samples / args.steps_per_prompt)
         prompts = choose_prompts(pipe, n_prompts, given=_read_prompts(args.prompts),
                                  log=lambda line: print(f"segquant: {line}"))
-        size = calibration_size(args.model_dir, args.height, args.width)
+        size = calibration_size(args.model_dir, args.height, args.width, pipe)
         calib = sq.capture_calibration(pipe, prompts, num_inference_steps=args.steps,
                                        steps_per_prompt=args.steps_per_prompt, call_kwargs=size,
                                        guidance_scale=args.guidance_scale, seed=args.seed)
