@@ -1,4 +1,4 @@
-"""``segquant bench layer|block|pipeline``: float vs quantized, measured side by side, ratios printed."""
+"""``segquant bench layer|block|pipeline|quantize``: float vs quantized, measured side by side, ratios printed."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--rounds", type=int, default=5)
     pp.add_argument("--memory", action="store_true", help="also measure peak memory per variant (subprocesses)")
     pp.add_argument("--json", default="bench-pipeline.json")
+
+    qp = levels.add_parser("quantize", help="build cost: memory at real size (SD3.5-medium config), or "
+                           "block-sequential vs whole-model calibration on a shipped model")
+    qp.add_argument("--model", default="sd35-medium",
+                    help="sd35-medium (random weights, real config, synthetic inputs; default) or a pipeline "
+                    "(shipped:mmdit / shipped:unet / a directory) to compare calibration modes on")
+    qp.add_argument("--layers", type=int, default=4, help="blocks of the SD3.5-medium model (default 4)")
+    qp.add_argument("--samples", type=int, default=16, help="calibration calls (default 16)")
+    qp.add_argument("--recipe", "--recipes", dest="recipes", default="w4a8-segquant,w8a8-segquant",
+                    help="comma-separated recipes (default w4a8-segquant,w8a8-segquant)")
+    qp.add_argument("--input-budget", type=float, default=None,
+                    help="GiB of recorded block inputs kept in memory before spilling (default: half the free RAM)")
+    qp.add_argument("--rounds", type=int, default=2, help="alternating rounds for a pipeline model (default 2)")
+    qp.add_argument("--json", default="bench-quantize.json")
 
     mp = levels.add_parser("memory-probe", help=argparse.SUPPRESS)
     mp.add_argument("model")
@@ -99,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
                                   progress=say)
         title = f"bench pipeline — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"]
+    elif args.level == "quantize":
+        rows, title, columns = _quantize_rows(args, env, say)
     else:  # memory-probe: the subprocess side of --memory
         from segquant_cli.models import load_pipeline
         from segquant_core.bench.pipeline import memory_probe
@@ -110,3 +126,43 @@ def run(args: argparse.Namespace) -> int:
     md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)
     print(f"wrote {path} and {md}")
     return 0
+
+
+def _quantize_rows(args: argparse.Namespace, env: dict, say) -> tuple[list[dict], str, list[str]]:
+    from segquant_core.recipes import recipe as resolve_recipe
+
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for name in recipes:
+        try:
+            resolve_recipe(name)
+        except (KeyError, ValueError) as e:
+            raise CLIError(f"--recipe: {e}") from None
+    if args.layers < 1 or args.samples < 1 or args.rounds < 1:
+        raise CLIError("--layers, --samples and --rounds must be at least 1")
+    if args.model == "sd35-medium":
+        from segquant_core.bench.quantize import run_real_size_build
+
+        budget = None if args.input_budget is None else int(args.input_budget * (1 << 30))
+        rows = [run_real_size_build(r, layers=args.layers, samples=args.samples, input_budget_bytes=budget,
+                                    progress=say) for r in recipes]
+        title = (f"bench quantize — random SD3.5-medium, {args.layers} blocks, bf16, {args.samples} samples of "
+                 f"1024+333 tokens, {env['cpu']}, {env['threads']} threads, torch {env['torch']}")
+        columns = ["recipe", "layers", "samples", "float_model_bytes", "peak_rss_bytes", "recorded_input_bytes",
+                   "overhead_bytes", "seconds", "peak_rss_with_kernels_bytes"]
+        return rows, title, columns
+    from segquant_cli.models import load_pipeline
+    from segquant_core.bench.quantize import run_calibration_comparison
+
+    probe = load_pipeline(args.model)
+    calib = getattr(probe, "default_calibration_prompts", None)
+    prompts = list(calib()) if callable(calib) else None
+    if not prompts:
+        raise CLIError(f"{args.model} has no default calibration prompts")
+    prompts = prompts[: max(1, args.samples // 4)]  # 4 recorded steps per prompt
+    rows = []
+    for r in recipes:
+        rows += run_calibration_comparison(lambda: load_pipeline(args.model), r, prompts, rounds=args.rounds,
+                                           progress=say)
+    title = f"bench quantize — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+    columns = ["recipe", "mode", "samples", "median_s", "vs_whole_model", "rounds", "alpha_same", "codes_identical"]
+    return rows, title, columns
