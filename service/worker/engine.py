@@ -372,14 +372,15 @@ class Engine:
         try:
             tracker.phase("waiting for the build lock")
             with _file_lock(_lock_path(artifact)):
+                calibration: list[str] | None = None
                 if not (artifact / MANIFEST).is_file():
-                    self._calibrate_and_save(key, model, spec, artifact, tracker)
+                    calibration = self._calibrate_and_save(key, model, spec, artifact, tracker)
                     built_here = True
                 else:
                     logger.info("%s was built by another worker meanwhile; not building it again", key)
                 report = self.registry.eval_report_path(key, self.settings.cache_dir)
                 if model.eval.prompts > 0 and not report.is_file():
-                    fidelity = self._evaluate(key, model, spec, artifact, report, tracker)
+                    fidelity = self._evaluate(key, model, spec, artifact, report, tracker, calibration)
         except BuildCanceled:
             logger.warning("build of %s canceled (worker stopping); a later request starts it again", key)
             with self._status_lock:
@@ -407,8 +408,10 @@ class Engine:
 
     def _calibrate_and_save(
         self, key: VariantKey, model: ModelSpec, spec: VariantSpec, artifact: Path, tracker: BuildTracker
-    ) -> None:
-        """Calibrate a fresh float denoiser (around the shared parts) with the recipe; write the artifact."""
+    ) -> list[str]:
+        """Calibrate a fresh float denoiser (around the shared parts) with the recipe; write the artifact.
+
+        Returns the calibration prompts (the evaluation must not use them)."""
         cal = spec.calibration
         cal_steps = cal.num_inference_steps or model.defaults.num_inference_steps
         n_prompts = math.ceil(cal.samples / cal.steps_per_prompt)
@@ -465,11 +468,21 @@ class Engine:
             f"{s['quantized_bytes']:,}",
             artifact,
         )
+        return prompts
 
     def _evaluate(
-        self, key: VariantKey, model: ModelSpec, spec: VariantSpec, artifact: Path, report: Path, tracker: BuildTracker
+        self,
+        key: VariantKey,
+        model: ModelSpec,
+        spec: VariantSpec,
+        artifact: Path,
+        report: Path,
+        tracker: BuildTracker,
+        calibration: list[str] | None,
     ) -> dict[str, Any] | None:
-        """Score the fresh artifact against fp (model's ``eval`` section); a failure here never fails the build."""
+        """Score the fresh artifact against fp (model's ``eval`` section); a failure here never fails the build.
+
+        ``calibration``: the prompts the build calibrated on (None: built elsewhere, derived again)."""
         ev = model.eval
         steps = ev.num_inference_steps or model.defaults.num_inference_steps
         parts = self._acquire_parts(model)
@@ -483,15 +496,15 @@ class Engine:
             return parts.pipeline(denoiser)
 
         try:
-            first = parts.float_denoiser()
+            first = self._float_denoiser(model, parts)
             hooks.append(tracker.watch(first))
             probe = parts.pipeline(first)  # evaluate()'s fp pipeline; also asked for prompts and a scorer
             pending = [probe]
             prompts = eval_prompts(probe, ev.prompts, ev.prompts_file)
             cal = spec.calibration
-            calibration = calibration_prompts(
-                model.source, probe, math.ceil(cal.samples / cal.steps_per_prompt), cal.prompts_file
-            )
+            if calibration is None:
+                count = math.ceil(cal.samples / cal.steps_per_prompt)
+                calibration = calibration_prompts(model.source, probe, count, cal.prompts_file)
             tracker.phase("evaluating", total=2 * len(prompts) * len(ev.seeds) * steps)
             rule = model.size_rule
             data = evaluate_artifact(
