@@ -37,8 +37,9 @@ def exact_int_gemm() -> None:
     m, k, n = 40, 64, 48
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
-    cfg = SegLinearConfig(k, n, Segments("out", (n,)), WeightSpec("int8", "tensor"),
-                          ActivationSpec("int8", "tensor"), bias=False)
+    cfg = SegLinearConfig(
+        k, n, Segments("out", (n,)), WeightSpec("int8", "tensor"), ActivationSpec("int8", "tensor"), bias=False
+    )
     layer = SegLinear(cfg)
     layer.segs[0].weight = w
     layer.segs[0].weight_scale = torch.ones(1)
@@ -48,8 +49,14 @@ def exact_int_gemm() -> None:
     ref = reference_int_gemm(a, w)
     assert torch.equal(y.to(torch.int64), ref.to(torch.int64)), "int8 GEMM is not exact"
     # in-segments (K groups) with unit scales are exact too
-    cfg_in = SegLinearConfig(k, n, Segments("in", (16, 48)), WeightSpec("int8", "tensor"),
-                             ActivationSpec("int8", "tensor", dual=True), bias=False)
+    cfg_in = SegLinearConfig(
+        k,
+        n,
+        Segments("in", (16, 48)),
+        WeightSpec("int8", "tensor"),
+        ActivationSpec("int8", "tensor", dual=True),
+        bias=False,
+    )
     layer = SegLinear(cfg_in)
     for seg, (lo, hi) in zip(layer.segs, cfg_in.segments.bounds()):
         seg.weight = w[:, lo:hi].contiguous()
@@ -83,22 +90,29 @@ def matches_reference() -> None:
             r = r.with_switches(weight="int4", weight_granularity="channel")
         quantize(model, r, calls, Plan([LayerPlan("layer", segs, dual)]), backend="reference", progress=False)
         x = torch.nn.functional.gelu(torch.randn(37, k) * 3)
+        x_before = x.clone()
         layer = model.layer
         ref = layer(x)
         layer.set_backend(get_backend("triton-fused"))
         y = layer(x)
+        assert torch.equal(x, x_before), f"{name}: the fused kernel wrote into its input"
         err = float((y - ref).norm() / ref.norm())
         worst = max(worst, err)
         assert err < 1e-3, f"{name}: rel. error {err:.2e} vs reference"
-        assert torch.equal(x, x.clone()), "input modified"
     print(f"fused kernel vs reference: worst rel. error {worst:.2e}: ok")
 
 
 def unsupported_layers_are_refused() -> None:
     model = One(64, 32)
     calls = [{"x": torch.randn(8, 64)} for _ in range(2)]
-    quantize(model, recipe("w4a8-segquant", gptq=False), calls, Plan([LayerPlan("layer")]), backend="reference",
-             progress=False)
+    quantize(
+        model,
+        recipe("w4a8-segquant", gptq=False),
+        calls,
+        Plan([LayerPlan("layer")]),
+        backend="reference",
+        progress=False,
+    )
     reason = TritonFusedBackend().unsupported_reason(model.layer)
     assert reason is not None and "static" in reason, reason
     print("dynamic activations refused with a reason: ok")
