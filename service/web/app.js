@@ -28,6 +28,7 @@ import {
 
 const REFERENCE = "fp";
 const MODELS_REFRESH_MS = 15000;
+const BUILD_REFRESH_MS = 2000; // while a card waits for its variant's build
 const MAX_SUBMIT_ATTEMPTS = 4;
 const MAX_OBSERVED = 50;
 const FORM_FIELDS = ["prompt", "negative_prompt", "model", "seed", "num_inference_steps", "guidance_scale",
@@ -138,13 +139,21 @@ function applyModelDefaults() {
   renderVariantChoices(true);
 }
 
+// A background build's progress, as GET /models and waiting jobs report it: phase, done/total, ETA.
+function buildText(progress) {
+  if (!progress) return "building…";
+  const count = progress.total ? ` ${progress.done}/${progress.total}` : "";
+  const eta = progress.eta_s != null ? `, about ${formatSeconds(progress.eta_s)} left` : "";
+  return `building: ${progress.phase}${count}${eta}`;
+}
+
 function variantNote(variant) {
   const parts = [];
   if (variant.recipe !== variant.name) parts.push(variant.recipe);
   const words = {
-    not_built: "not built yet: the first job builds it",
+    not_built: "not built yet: the first job builds it in the background",
     available: "built, not loaded",
-    building: "building…",
+    building: buildText(variant.progress),
     loaded: "loaded",
     failed: `failed${variant.reason ? `: ${variant.reason}` : ""}`,
   };
@@ -181,7 +190,14 @@ function fidelityText(fidelity) {
     const value = fidelity[key];
     if (typeof value === "number") parts.push(`${key.toUpperCase()} ${value.toFixed(key === "psnr" ? 2 : 3)}`);
   }
-  if (parts.length) return parts.join(", ");
+  if (parts.length) {
+    // where the figures come from: N prompts × seeds at S steps (recorded when the variant was built)
+    const seeds = Array.isArray(fidelity.seeds) ? fidelity.seeds.length : null;
+    const from = fidelity.eval_prompt_count != null
+      ? ` (${fidelity.eval_prompt_count} prompts × ${seeds ?? "?"} seeds, ${fidelity.num_inference_steps ?? "?"} steps)`
+      : "";
+    return parts.join(", ") + from;
+  }
   return Object.entries(fidelity).filter(([, v]) => typeof v !== "object").slice(0, 3)
     .map(([k, v]) => `${k} ${v}`).join(", ") || "–";
 }
@@ -197,13 +213,18 @@ function renderModelsTable() {
         : "–";
       const stateCell = el("td", {}, el("span", { class: `state state-${v.state}`, text: v.state.replace("_", " ") }));
       if (v.reason) stateCell.append(el("div", { class: "muted small", text: v.reason }));
+      if (v.state === "building") stateCell.append(el("div", { class: "muted small build-progress", text: buildText(v.progress) }));
       rows.push(el("tr", { "data-variant": v.name },
         el("th", { scope: "row", text: model.name }),
         cell(v.name),
         cell(v.recipe),
         stateCell,
         cell([v.precision, v.device].filter(Boolean).join(" / ") || "–"),
-        cell(formatBytes(v.weight_bytes), { title: v.weight_bytes != null ? `${v.weight_bytes} bytes` : "" }),
+        cell(formatBytes(v.weight_bytes), {
+          title: [v.weight_bytes != null ? `${v.weight_bytes} bytes` : "",
+            v.shared_bytes != null ? `+ ${formatBytes(v.shared_bytes)} shared with the model's other variants` : ""]
+            .filter(Boolean).join(" "),
+        }),
         cell(memory, { title: v.peak_memory_bytes != null ? `${v.peak_memory_bytes} bytes` : "" }),
         cell(formatSeconds(v.load_seconds)),
         cell(`${formatSeconds(lat.inference_p50_s)} / ${formatSeconds(lat.inference_p95_s)}`),
@@ -353,6 +374,15 @@ class Card {
     const kind = info.memory_kind ? ` (${memoryKind(info.memory_kind)})` : "";
     this.figures.memory.textContent = info.peak_memory_bytes != null ? `${formatBytes(info.peak_memory_bytes)}${kind}` : "–";
     this.figures.memory.title = info.peak_memory_bytes != null ? `${info.peak_memory_bytes} bytes` : "";
+    const waiting = this.buildWait();
+    if (waiting) this.say(waiting);
+  }
+
+  // While its variant is being built the job stays queued; the build's progress says how long.
+  buildWait() {
+    const info = variantInfo(this.model, this.variant);
+    if (!info || info.state !== "building" || !["queued", "pending"].includes(this.node.dataset.state)) return null;
+    return `Waiting for the variant to be built (${buildText(info.progress)})…`;
   }
 
   onEvent(type, data) {
@@ -372,7 +402,7 @@ class Card {
         break;
       case "requeued":
         this.setState("queued");
-        this.say("Handed back to the queue; waiting for a worker…");
+        this.say(this.buildWait() || "Handed back to the queue; waiting for a worker…");
         break;
       case "cancel_requested":
         this.say("Cancel requested: stopping after the current step…");
@@ -451,6 +481,7 @@ class Card {
 }
 
 function queuedText(data) {
+  if (data?.waiting_for_build) return `Waiting for the variant to be built (${buildText(data.waiting_for_build)})…`;
   if (data?.queue_position == null) return "Queued…";
   const eta = data.eta_s != null ? `, starts in about ${formatSeconds(data.eta_s)}` : "";
   return `Queued (position ${data.queue_position}${eta})…`;
@@ -676,7 +707,17 @@ function setupApiKey() {
   });
 }
 
+function waitingForBuild() {
+  if (!state.run?.active) return false;
+  return [...state.run.cards.values()].some((c) => ["queued", "pending"].includes(c.node.dataset.state)
+    && ["building", "not_built"].includes(variantInfo(c.model, c.variant)?.state));
+}
+
 function scheduleModelRefresh() {
+  clearInterval(state.buildTimer);
+  state.buildTimer = setInterval(() => {
+    if (document.visibilityState === "visible" && waitingForBuild()) loadModels();
+  }, BUILD_REFRESH_MS);
   clearInterval(state.modelsTimer);
   state.modelsTimer = setInterval(() => {
     const needsKey = state.modelsError instanceof ApiError && state.modelsError.status === 401;
