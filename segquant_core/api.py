@@ -14,6 +14,14 @@ from torch import nn
 
 from segquant_core.artifacts import ArtifactError, load, read_manifest, save
 from segquant_core.calibrate.capture import CalibrationSet, capture_calibration, denoiser_of
+from segquant_core.checkpoint_load import load_denoiser, replace_denoiser, resident_bytes
+from segquant_core.checkpoint_status import (
+    CheckpointStatus,
+    calibration_settings,
+    checkpoint_is_current,
+    checkpoint_status,
+    weights_sha256,
+)
 from segquant_core.detect.plan import LayerPlan, Plan, Segments
 from segquant_core.quantize import QuantizationResult, quantize
 from segquant_core.recipes import Recipe, recipe, recipe_names
@@ -55,6 +63,14 @@ def load_into_pipeline(directory: str | Path, pipe: Any, *, backend: str = "auto
 __all__ = [
     "ArtifactError",
     "CalibrationSet",
+    "CheckpointStatus",
+    "calibration_settings",
+    "checkpoint_is_current",
+    "checkpoint_status",
+    "load_denoiser",
+    "replace_denoiser",
+    "resident_bytes",
+    "weights_sha256",
     "LayerPlan",
     "Plan",
     "QuantizationResult",
