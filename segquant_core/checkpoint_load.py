@@ -86,7 +86,7 @@ def load_denoiser(
         model: nn.Module = cls.from_config(config)  # type: ignore[attr-defined]
     configs = layer_configs(manifest)
     modules = dict(model.named_modules())
-    for name, cfg in configs.items():
+    for name in configs:
         if not isinstance(modules.get(name), nn.Linear):
             raise ArtifactError(f"artifact layer {name!r} is not a linear layer of {cls.__name__}")
     device = torch.device(device)
