@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", help="JSON plan file (as printed by `segquant plan --json`), possibly edited")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--eval-prompts", type=int, default=8,
+                   help="after saving, score the artifact against fp on this many held-out prompts (1 seed, at "
+                        "--steps) and write eval.json next to it; 0 = skip (default 8)")
     p.set_defaults(run=run)
 
 
@@ -107,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.calib_samples < 1:
         raise CLIError("--calib-samples must be ≥ 1")
+    if args.eval_prompts < 0:
+        raise CLIError("--eval-prompts must be ≥ 0 (0 skips the evaluation)")
     if not 1 <= args.steps_per_prompt <= args.steps:
         raise CLIError(f"--steps-per-prompt must be between 1 and --steps ({args.steps})")
     recipe = _apply_overrides(sq.recipe(args.recipe), args.overrides)
@@ -132,7 +137,29 @@ def run(args: argparse.Namespace) -> int:
         source["drop_components"] = list(drop_list(args.drop_components))
     sq.save(model, args.out, source=source)
     _print_summary(result.summary(), args.out)
+    if pipe is not None and args.eval_prompts > 0:
+        _write_fidelity(args, pipe, prompts, size)
     return 0
+
+
+def _write_fidelity(args: argparse.Namespace, pipe: Any, calibration: list[str], size: dict[str, Any] | None) -> None:
+    """eval.json next to the artifact, as the service writes after a build (GET /models reads it)."""
+    from segquant_cli.models import load_pipeline
+    from service.worker.fidelity import eval_prompts, evaluate_artifact
+
+    drop = drop_list(args.drop_components)
+    prompts = [p for p in eval_prompts(pipe, args.eval_prompts, None) if p not in set(calibration)]
+    if not prompts:
+        print("segquant: warning: no evaluation prompts disjoint from the calibration prompts; eval.json not written")
+        return
+    guidance = args.guidance_scale if args.guidance_scale is not None else 3.0
+    data = evaluate_artifact(lambda: load_pipeline(args.model_dir, drop), Path(args.out), args.recipe,
+                             prompts=prompts, calibration_prompts=calibration, seeds=[0],
+                             num_inference_steps=args.steps, guidance_scale=guidance,
+                             scorer=getattr(pipe, "adherence_scorer", None), call_kwargs=size)
+    entry = data["variants"][0]
+    print(f"segquant: fidelity against fp on {len(prompts)} prompts: PSNR {entry['psnr']} dB, SSIM "
+          f"{entry['ssim']}; written to {Path(args.out) / 'eval.json'}")
 
 
 def _print_summary(s: dict[str, Any], out: str) -> None:
