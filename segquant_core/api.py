@@ -23,7 +23,7 @@ from segquant_core.checkpoint_status import (
     weights_sha256,
 )
 from segquant_core.detect.plan import LayerPlan, Plan, Segments
-from segquant_core.quantize import QuantizationResult, quantize
+from segquant_core.quantize import ProgressFn, QuantizationResult, quantize
 from segquant_core.recipes import Recipe, recipe, recipe_names
 
 
@@ -39,11 +39,13 @@ def quantize_pipeline(pipe: Any, recipe_spec: str | Recipe, prompts: Sequence[st
                       guidance_scale: float | None = None, seed: int = 0, plan: Plan | None = None,
                       backend: str = "auto", progress: bool = True,
                       call_kwargs: dict[str, Any] | None = None,
-                      calibration: CalibrationSet | None = None) -> QuantizationResult:
+                      calibration: CalibrationSet | None = None,
+                      on_progress: ProgressFn | None = None) -> QuantizationResult:
     """Calibrate on ``pipe``'s own denoising loop over ``prompts`` and quantize its denoiser in place.
 
     ``calibration`` reuses denoiser inputs captured earlier (:func:`capture_calibration` on the same float
     pipeline and prompts), e.g. when several recipes are built from one model; ``prompts`` are then unused.
+    ``on_progress(phase, done, total)`` reports ``capture`` (prompts), then the phases of :func:`quantize`.
     """
     r = recipe(recipe_spec) if isinstance(recipe_spec, str) else recipe_spec
     model = denoiser_of(pipe)
@@ -51,8 +53,9 @@ def quantize_pipeline(pipe: Any, recipe_spec: str | Recipe, prompts: Sequence[st
     if r.quantizes and calibration is None:
         calib = capture_calibration(pipe, prompts, num_inference_steps=num_inference_steps,
                                     steps_per_prompt=steps_per_prompt, guidance_scale=guidance_scale,
-                                    seed=seed, call_kwargs=call_kwargs, progress=progress)
-    return quantize(model, r, calib, plan, backend=backend, seed=seed, progress=progress)
+                                    seed=seed, call_kwargs=call_kwargs, progress=progress,
+                                    on_progress=on_progress)
+    return quantize(model, r, calib, plan, backend=backend, seed=seed, progress=progress, on_progress=on_progress)
 
 
 def load_into_pipeline(directory: str | Path, pipe: Any, *, backend: str = "auto") -> QuantizationResult:

@@ -80,11 +80,13 @@ def capture_calibration(
     seed: int = 0,
     call_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> CalibrationSet:
     """Run ``pipe`` on each prompt and keep the denoiser inputs of ``steps_per_prompt`` random steps.
 
     The step subset is drawn from ``random.Random(seed)`` per prompt, so the same arguments always
-    record the same calls. ``call_kwargs`` go to the pipeline (e.g. height/width).
+    record the same calls. ``call_kwargs`` go to the pipeline (e.g. height/width). ``on_progress`` is
+    called as ``("capture", prompts done, prompts)``.
     """
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
@@ -128,6 +130,8 @@ def capture_calibration(
             gen = torch.Generator("cpu").manual_seed(seed + i)
             with torch.no_grad():
                 pipe(prompt, num_inference_steps=num_inference_steps, generator=gen, output_type="latent", **extra)
+            if on_progress:
+                on_progress("capture", i + 1, len(prompts))
     finally:
         handle.remove()
         if hasattr(pipe, "_progress_bar_config"):

@@ -17,11 +17,11 @@ import torch
 from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
-from segquant_core import Plan, SegLinear, detect, quantize
+from segquant_core import Plan, SegLinear, detect, quantize, quantize_pipeline
 from segquant_core.calibrate.blocks import execution_order, find_units
 from segquant_core.calibrate.observer import InputObserver
 
-from .conftest import SEG_LAYERS, SegToy, gen, seg_calls, seg_plan
+from .conftest import SEG_LAYERS, SegToy, TinyPipeline, gen, seg_calls, seg_plan
 
 
 def tiny_sd3() -> SD3Transformer2DModel:
@@ -309,3 +309,19 @@ def test_qkv_share_one_hessian() -> None:
     assert st["k"].hessian_source == "q" and st["out"].hessian_source is None
     assert st["out"].hessians is not st["q"].hessians
     assert st["q"].hessians[0].dtype == torch.float32
+
+
+def test_quantize_pipeline_reports_capture_then_calibration() -> None:
+    events: list[tuple[str, int, int]] = []
+    quantize_pipeline(
+        TinyPipeline(),
+        "w8a8-segquant",
+        ["a red square", "a blue circle"],
+        num_inference_steps=4,
+        steps_per_prompt=2,
+        plan=seg_plan(),
+        progress=False,
+        on_progress=lambda *e: events.append(e),
+    )
+    assert events[:2] == [("capture", 1, 2), ("capture", 2, 2)]
+    assert ("calibrate", len(SEG_LAYERS), len(SEG_LAYERS)) in events and events[-1] == ("backends", 1, 1)
