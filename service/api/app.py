@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
@@ -21,6 +22,7 @@ from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.job_service import JobService
 from service.api.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from service.api.openapi_limits import apply_limits
 from service.api.routes import generate, health, jobs, models, openai
 from service.api.routes import metrics as metrics_route
 from service.api.state import AppState
@@ -116,6 +118,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await queue.close()
 
 
+def _publish_limits(app: FastAPI, settings: Settings) -> None:
+    """Build the OpenAPI schema with this server's limits and model names in it (once, on first request)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = apply_limits(build(), settings, Registry.from_settings(settings))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     metrics = get_metrics()
@@ -125,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (generate.router, jobs.router, openai.router, models.router, health.router, metrics_route.router):
         app.include_router(router)
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    _publish_limits(app, settings)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:

@@ -77,7 +77,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                               exc.status_code))
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+async def validation_error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The 422 envelope (also used for the job service's own field checks)."""
     assert isinstance(exc, RequestValidationError)
     detail = []
     for e in exc.errors():
@@ -97,7 +98,10 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from service.api.job_error_http import install_job_error_handlers
+
+    install_job_error_handlers(app)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestValidationError, validation_error_response)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,7 +1,8 @@
 """Turning requests into jobs: checks against the registry and limits, submission, waiting, public views.
 
-Knows the queue protocol and the registry, not torch and not HTTP routing. Errors come out as
-:class:`~service.api.errors.ApiError` (404, 409, 503 + Retry-After) or a 422 validation problem.
+Knows the queue protocol and the registry, not torch and not HTTP: problems come out as the errors of
+:mod:`service.api.job_errors` (or the queue's and registry's own), and :mod:`service.api.job_error_http`
+answers them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from datetime import datetime, timezone
 
 from service.api.build_wait import build_progress, refuse_if_unbuilt
-from service.api.errors import ApiError, validation_problem
+from service.api.job_errors import BadEventId, InvalidField, JobNotFound, QueueBusy
 from service.api.schemas import GenerateRequest, JobLinks, JobPublic
 from service.jobs.capacity import variant_capacity
 from service.jobs.model import GenerationParams, Job, JobError, JobState
@@ -28,7 +29,7 @@ from service.jobs.queue import (
 )
 from service.jobs.unserved import UNSERVED_REASON, UnservedWatch
 from service.metrics import Metrics
-from service.registry import Registry, UnknownModelError, VariantKey
+from service.registry import Registry, VariantKey
 from service.settings import Settings
 
 MAX_SEED = 2**63 - 1
@@ -57,19 +58,16 @@ class JobService:
     def resolve(self, req: GenerateRequest, *, output_format: str | None = None) -> GenerationParams:
         """Fill defaults, draw seeds and check everything that depends on settings or the model."""
         limits = self.settings.limits
-        try:
-            model = self.registry.model(req.model)
-            variant = model.variant(req.variant)
-        except UnknownModelError as e:
-            raise ApiError(404, str(e), code=f"unknown_{e.what}", param=e.what, extra={"valid": e.valid}) from None
+        model = self.registry.model(req.model)  # UnknownModelError names the valid choices
+        variant = model.variant(req.variant)
         if len(req.prompt) > limits.max_prompt_chars:
-            raise validation_problem(
+            raise InvalidField(
                 "prompt",
                 f"must be at most {limits.max_prompt_chars} characters (got {len(req.prompt)})",
                 "string_too_long",
             )
         if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
-            raise validation_problem(
+            raise InvalidField(
                 "negative_prompt",
                 f"must be at most {limits.max_prompt_chars} characters (got {len(req.negative_prompt)})",
                 "string_too_long",
@@ -79,23 +77,21 @@ class JobService:
         for name, value in (("width", width), ("height", height)):
             problem = rule.problem(value)
             if problem:
-                raise validation_problem(name, f"{problem} for model {model.name!r}")
+                raise InvalidField(name, f"{problem} for model {model.name!r}")
         steps = req.num_inference_steps or model.defaults.num_inference_steps
         if steps > limits.max_inference_steps:
-            raise validation_problem(
+            raise InvalidField(
                 "num_inference_steps", f"must be between 1 and {limits.max_inference_steps} (got {steps})"
             )
         guidance = model.defaults.guidance_scale if req.guidance_scale is None else req.guidance_scale
         if guidance > limits.max_guidance_scale:
-            raise validation_problem(
-                "guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {guidance})"
-            )
+            raise InvalidField("guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {guidance})")
         if req.n > limits.max_images:
-            raise validation_problem("n", f"must be between 1 and {limits.max_images} (got {req.n})")
+            raise InvalidField("n", f"must be between 1 and {limits.max_images} (got {req.n})")
         if req.deadline_s is not None and req.deadline_s > limits.max_deadline_s:
-            raise validation_problem("deadline_s", f"must be at most {limits.max_deadline_s} seconds")
+            raise InvalidField("deadline_s", f"must be at most {limits.max_deadline_s} seconds")
         if req.debug is not None and not self.settings.debug_hooks:
-            raise validation_problem("debug", "debug hooks are disabled on this server")
+            raise InvalidField("debug", "debug hooks are disabled on this server")
         base = secrets.randbelow(2**31) if req.seed is None else req.seed
         return GenerationParams(
             prompt=req.prompt,
@@ -133,7 +129,7 @@ class JobService:
         digest = None
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= 255:
-                raise validation_problem("Idempotency-Key", "must be 1 to 255 characters")
+                raise InvalidField("Idempotency-Key", "must be 1 to 255 characters")
             digest = hashlib.sha256(f"{principal}\0{idempotency_key}".encode()).hexdigest()
         request_hash = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
         key = VariantKey(params.model, params.variant)
@@ -149,17 +145,13 @@ class JobService:
         except QueueFullError as e:
             self.metrics.rejected.labels("queue_full").inc()
             retry = await self.retry_after(key, e.depth)
-            raise ApiError(
-                503, f"{e}; retry in about {retry} s", code="queue_full", headers={"Retry-After": str(retry)}
-            ) from None
-        except IdempotencyConflictError as e:
+            raise QueueBusy(f"{e}; retry in about {retry} s", retry) from None
+        except IdempotencyConflictError:
             self.metrics.rejected.labels("idempotency_conflict").inc()
-            raise ApiError(409, str(e), code="idempotency_key_reused", param="Idempotency-Key") from None
-        except QueueUnavailableError as e:
+            raise
+        except QueueUnavailableError:
             self.metrics.rejected.labels("queue_unavailable").inc()
-            raise ApiError(
-                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
-            ) from None
+            raise
         if sub.created:
             self.metrics.jobs_submitted.labels(key.model, key.variant).inc()
             if await self._fail_if_unserved(key, [sub.job.id]):
@@ -219,18 +211,11 @@ class JobService:
 
     # ------------------------------------------------------------------ lookups
     async def get(self, job_id: str) -> Job:
-        try:
-            job = await self.queue.get(job_id)
-        except QueueUnavailableError as e:
-            raise ApiError(
-                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
-            ) from None
+        job = await self.queue.get(job_id)
         if job is None:
-            raise ApiError(
-                404,
+            raise JobNotFound(
+                job_id,
                 f"no job {job_id!r} (unknown, or its result expired after {self.settings.queue.result_ttl_s} s)",
-                code="unknown_job",
-                param="job_id",
             )
         checked = await self.queue.expire_if_late(job, time.time())
         if checked.state is JobState.EXPIRED and job.state is not JobState.EXPIRED:
@@ -270,38 +255,21 @@ class JobService:
             links=JobLinks(self=f"/jobs/{job.id}", events=f"/jobs/{job.id}/events"),
         )
 
+    def check_event_id(self, last_event_id: str | None) -> None:
+        """Refuse a ``Last-Event-ID`` the queue could not resume from, before any event is streamed."""
+        if last_event_id is not None and not self.queue.valid_event_id(last_event_id):
+            raise BadEventId(last_event_id)
+
     async def wait(self, job_id: str, timeout: float) -> Job:
-        try:
-            job = await self.queue.wait(job_id, timeout)
-        except QueueUnavailableError as e:
-            raise ApiError(
-                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
-            ) from None
+        job = await self.queue.wait(job_id, timeout)
         if job is None:
-            raise ApiError(404, f"job {job_id!r} disappeared while waiting", code="unknown_job")
+            raise JobNotFound(job_id, f"job {job_id!r} disappeared while waiting")
         return job
 
     async def cancel(self, job_id: str) -> tuple[Job, str]:
-        try:
-            job, outcome = await self.queue.cancel(job_id)
-        except QueueUnavailableError as e:
-            raise ApiError(
-                503, f"the job queue is unavailable: {e}", code="queue_unavailable", headers={"Retry-After": "5"}
-            ) from None
+        job, outcome = await self.queue.cancel(job_id)
         if job is None:
-            raise ApiError(404, f"no job {job_id!r}", code="unknown_job", param="job_id")
+            raise JobNotFound(job_id, f"no job {job_id!r}")
         if outcome == "canceled":  # a running job is counted by its worker when it stops
             self.metrics.jobs_finished.labels(job.params.model, job.params.variant, "canceled").inc()
         return job, outcome
-
-
-def failure_error(job: Job) -> ApiError:
-    """The error a synchronous request answers with when its job did not succeed."""
-    reason = job.error.reason if job.error else job.state.value
-    message = f"job {job.id} {job.state.value}: {job.error.message if job.error else reason}"
-    status = {JobState.CANCELED: 409, JobState.EXPIRED: 504}.get(job.state)
-    if status is None:
-        status = {"model_unavailable": 503, UNSERVED_REASON: 503, "invalid": 422}.get(reason, 500)
-    return ApiError(
-        status, message, code=reason, type="generation_error" if status >= 500 else None, extra={"job_id": job.id}
-    )

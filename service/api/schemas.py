@@ -23,6 +23,7 @@ from service.registry import GenerationDefaults, SizeRule
 
 MAX_SEED = 2**63 - 1
 MIN_DEADLINE_S = 1.0  # below this a job expires before any worker can start it: a client mistake, not a 504
+NOT_BLANK: dict[str, Any] = {"pattern": r"\S"}  # the schema's word for _not_blank: some non-space character
 SIZE_PATTERN = r"^(auto|\s*[0-9]{1,5}\s*[xX×]\s*[0-9]{1,5}\s*)$"
 
 
@@ -35,10 +36,15 @@ def _not_blank(v: str) -> str:
 class GenerateRequest(BaseModel):
     """A text-to-image request (``POST /generate``, ``POST /jobs``). Unset fields take the model's defaults."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"prompt": "a red circle", "seed": 7, "n": 1, "output_format": "png"}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"prompt": "a red circle", "seed": 7, "n": 1, "output_format": "png"}]},
+    )
 
-    prompt: str = Field(description="what to draw; at most limits.max_prompt_chars characters (default 1000)")
+    prompt: str = Field(
+        description="what to draw; at most limits.max_prompt_chars characters (default 1000)",
+        json_schema_extra=NOT_BLANK,
+    )
     negative_prompt: str | None = Field(None, description="what to steer away from (same length limit)")
     model: str | None = Field(None, description="a model name from GET /models; default: the first one")
     variant: str | None = Field(None, description="fp or a quantized variant; default: the model's default")
@@ -49,8 +55,11 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="null = random; image i uses seed + i")
     n: int = Field(1, ge=1, description="images; 1..limits.max_images (4)")
     output_format: OutputFormat = "png"
-    deadline_s: float | None = Field(None, ge=MIN_DEADLINE_S, description="expire instead of starting later than "
-                                     "this (s); at least 1 s: no job can start sooner")
+    deadline_s: float | None = Field(
+        None,
+        ge=MIN_DEADLINE_S,
+        description="expire instead of starting later than this (s); at least 1 s: no job can start sooner",
+    )
     debug: DebugOptions | None = Field(None, description="test-only hooks; refused unless enabled in settings")
 
     _prompt = field_validator("prompt")(_not_blank)
@@ -101,7 +110,8 @@ class JobPublic(BaseModel):
     queue_position: int | None = Field(None, description="1 = next to start (queued jobs only)")
     eta_s: float | None = Field(None, description="estimated seconds until it starts (queued jobs only)")
     waiting_for_build: BuildProgress | None = Field(
-        None, description="queued while a worker builds its variant: the build's phase, done/total and eta_s")
+        None, description="queued while a worker builds its variant: the build's phase, done/total and eta_s"
+    )
     progress: Progress | None = None
     attempts: int = 0
     worker_id: str | None = None
@@ -132,14 +142,18 @@ class VariantPublic(BaseModel):
     memory_kind: str | None = None
     load_seconds: float | None = None
     progress: BuildProgress | None = Field(None, description="while building: phase, done, total, eta_s")
-    shared_bytes: int | None = Field(None, description="the model's shared parts (text encoders, VAE, tokenizers), "
-                                                       "one copy per worker for all its variants")
+    shared_bytes: int | None = Field(
+        None,
+        description="the model's shared parts (text encoders, VAE, tokenizers), "
+        "one copy per worker for all its variants",
+    )
     latency: LatencyPublic
     fidelity: dict[str, Any] | None = Field(None, description="the variant's eval.json, when one exists")
     artifact: str | None = None
     workers_loaded: int = 0
     calibration: dict[str, Any] | None = Field(
-        None, description="where a missing artifact is calibrated: height, width, steps, guidance, samples")
+        None, description="where a missing artifact is calibrated: height, width, steps, guidance, samples"
+    )
 
 
 class BuildAccepted(BaseModel):
@@ -174,11 +188,16 @@ class OpenAIImageRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    prompt: str = Field(min_length=1, description="what to draw (not blank); at most limits.max_prompt_chars")
+    prompt: str = Field(
+        description="what to draw (not blank); at most limits.max_prompt_chars characters", json_schema_extra=NOT_BLANK
+    )
     model: str | None = None
     n: int = Field(1, ge=1, description="images; 1..limits.max_images (4)")
-    size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT (within the model's sizes) or "
-                                                                     "'auto'")
+    size: str | None = Field(
+        None,
+        json_schema_extra={"pattern": SIZE_PATTERN},
+        description="WIDTHxHEIGHT (within the model's sizes) or 'auto'",
+    )
     response_format: Literal["b64_json"] = Field("b64_json", description="only b64_json: no hosted URLs")
     output_format: OutputFormat = "png"
     quality: str | None = None
@@ -192,6 +211,13 @@ class OpenAIImageRequest(BaseModel):
     variant: str | None = None
 
     _prompt = field_validator("prompt")(_not_blank)
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _b64_only(cls, v: Any) -> Any:
+        if v != "b64_json":
+            raise ValueError("only 'b64_json' is supported (no hosted URLs)")
+        return v
 
 
 class OpenAIImage(BaseModel):

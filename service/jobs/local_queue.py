@@ -166,7 +166,7 @@ class LocalQueue:
         return await expire_if_late(self, job, now)
 
     async def events(self, job_id: str, after: str | None = None) -> AsyncIterator[JobEvent]:
-        seen = int(after) if after and after.isdigit() else 0
+        seen = int(after) if after and self.valid_event_id(after) else 0
         while True:
             log = self._events.get(job_id)
             if log is None:
@@ -180,6 +180,10 @@ class LocalQueue:
             if not fresh:
                 async with self._changed:
                     await _wait(self._changed, 5.0)
+
+    def valid_event_id(self, text: str) -> bool:
+        """Event ids here are decimal counters."""
+        return text.isascii() and text.isdigit() and len(text) <= 20
 
     async def wait(self, job_id: str, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout

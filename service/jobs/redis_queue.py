@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -53,6 +54,10 @@ def _backend() -> Iterator[None]:
         yield
     except BACKEND_ERRORS as e:
         raise QueueUnavailableError(f"Redis is unreachable: {e}") from e
+
+
+_STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
+_U64 = 2**64
 
 
 def _stream_id(text: str) -> tuple[int, int]:
@@ -214,6 +219,13 @@ class RedisQueue:
                 yield event
                 if event.terminal:
                     return
+
+    def valid_event_id(self, text: str) -> bool:
+        """A stream id ``ms[-seq]`` with both parts below 2^64 (XREAD refuses anything else mid-stream)."""
+        if not _STREAM_ID.fullmatch(text):
+            return False
+        ms, seq = _stream_id(text)
+        return ms < _U64 and seq < _U64
 
     async def wait(self, job_id: str, timeout: float) -> Job | None:
         deadline = time.monotonic() + timeout

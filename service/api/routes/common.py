@@ -7,8 +7,10 @@ import base64
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from service.api.job_service import JobService, failure_error
+from service.api.errors import ApiError
+from service.api.job_service import JobService
 from service.jobs.model import MEDIA_TYPES, Job, JobState
+from service.jobs.unserved import UNSERVED_REASON
 
 IMAGE_TYPES = {v: k for k, v in MEDIA_TYPES.items()}
 
@@ -49,10 +51,30 @@ async def finished_or_accepted(jobs: JobService, job: Job) -> Job | JSONResponse
     return job
 
 
+def failure_error(job: Job) -> ApiError:
+    """The error a synchronous request answers with when its job did not succeed."""
+    reason = job.error.reason if job.error else job.state.value
+    message = f"job {job.id} {job.state.value}: {job.error.message if job.error else reason}"
+    status = {JobState.CANCELED: 409, JobState.EXPIRED: 504}.get(job.state)
+    if status is None:
+        status = {"model_unavailable": 503, UNSERVED_REASON: 503, "invalid": 422}.get(reason, 500)
+    return ApiError(
+        status, message, code=reason, type="generation_error" if status >= 500 else None, extra={"job_id": job.id}
+    )
+
+
 def raw_image_response(job: Job) -> Response:
     assert job.result is not None
     image = job.result.images[0]
-    return Response(content=base64.b64decode(image.b64_json), media_type=MEDIA_TYPES[image.format], headers={
-        "X-Job-Id": job.id, "X-Seed": str(image.seed), "X-Model": job.params.model,
-        "X-Variant": job.params.variant, "X-Inference-Seconds": str(job.result.timings.inference_s),
-        "X-Worker-Id": job.result.worker_id})
+    return Response(
+        content=base64.b64decode(image.b64_json),
+        media_type=MEDIA_TYPES[image.format],
+        headers={
+            "X-Job-Id": job.id,
+            "X-Seed": str(image.seed),
+            "X-Model": job.params.model,
+            "X-Variant": job.params.variant,
+            "X-Inference-Seconds": str(job.result.timings.inference_s),
+            "X-Worker-Id": job.result.worker_id,
+        },
+    )

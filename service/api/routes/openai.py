@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from service.api.deps import JobsDep, SettingsDep
 from service.api.errors import validation_problem
+from service.api.job_errors import InvalidField
 from service.api.routes.common import finished_or_accepted, principal
 from service.api.schemas import GenerateRequest, OpenAIImage, OpenAIImageRequest, OpenAIImagesResponse
 from service.registry import parse_size
@@ -25,8 +26,6 @@ router = APIRouter(prefix="/v1/images", tags=["openai"])
 
 
 def _to_native(body: OpenAIImageRequest) -> GenerateRequest:
-    if body.response_format != "b64_json":
-        raise validation_problem("response_format", "only 'b64_json' is supported (no hosted URLs)")
     width = height = None
     if body.size and body.size != "auto":
         try:
@@ -34,34 +33,46 @@ def _to_native(body: OpenAIImageRequest) -> GenerateRequest:
         except ValueError as e:
             raise validation_problem("size", str(e)) from None
     try:
-        return GenerateRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
-                               variant=body.variant, width=width, height=height,
-                               num_inference_steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
-                               seed=body.seed, n=body.n, output_format=body.output_format)
-    except ValidationError as e:
-        raise RequestValidationError(e.errors()) from None
-
-
-def _as_size(exc: RequestValidationError) -> RequestValidationError:
-    """Report width/height problems against the field the OpenAI client actually sent: ``size``."""
-    errors = []
-    for err in exc.errors():
-        loc = tuple(err.get("loc", ()))
-        if loc and loc[-1] in ("width", "height"):
-            err = {**err, "loc": ("body", "size"), "msg": f"{loc[-1]} {err.get('msg', '')}"}
-        errors.append(err)
-    return RequestValidationError(errors)
+        return GenerateRequest(
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt,
+            model=body.model,
+            variant=body.variant,
+            width=width,
+            height=height,
+            num_inference_steps=body.num_inference_steps,
+            guidance_scale=body.guidance_scale,
+            seed=body.seed,
+            n=body.n,
+            output_format=body.output_format,
+        )
+    except ValidationError as e:  # width/height come from `size`: report the field the client sent
+        raise RequestValidationError(
+            [
+                {**err, "loc": ("body", "size"), "msg": f"{err['loc'][-1]} {err['msg']}"}
+                if err.get("loc") and err["loc"][-1] in ("width", "height")
+                else err
+                for err in e.errors()
+            ]
+        ) from None
 
 
 @router.post("/generations", response_model=OpenAIImagesResponse, summary="OpenAI-compatible image generation")
-async def generations(body: OpenAIImageRequest, request: Request, jobs: JobsDep, settings: SettingsDep,
-                      idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+async def generations(
+    body: OpenAIImageRequest,
+    request: Request,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
     start = time.perf_counter()
     native = _to_native(body)
     try:
         sub = await jobs.submit(native, idempotency_key=idempotency_key, principal=principal(request))
-    except RequestValidationError as e:
-        raise _as_size(e) from None
+    except InvalidField as e:  # width/height came from `size`: name the field the client sent
+        if e.field in ("width", "height"):
+            raise InvalidField("size", f"{e.field} {e.message}", e.kind) from None
+        raise
     job = await jobs.wait(sub.job.id, settings.limits.sync_timeout_s)
     done = await finished_or_accepted(jobs, job)
     if isinstance(done, JSONResponse):
@@ -70,7 +81,11 @@ async def generations(body: OpenAIImageRequest, request: Request, jobs: JobsDep,
     p = done.params
     jobs.metrics.request_duration.labels(p.model, p.variant, "openai").observe(time.perf_counter() - start)
     answer = OpenAIImagesResponse(
-        created=int(done.finished_at or time.time()), model=p.model, variant=p.variant, output_format=p.output_format,
+        created=int(done.finished_at or time.time()),
+        model=p.model,
+        variant=p.variant,
+        output_format=p.output_format,
         size=f"{p.width}x{p.height}",
-        data=[OpenAIImage(b64_json=i.b64_json, seed=i.seed) for i in done.result.images])
+        data=[OpenAIImage(b64_json=i.b64_json, seed=i.seed) for i in done.result.images],
+    )
     return JSONResponse(answer.model_dump(mode="json"), headers={"X-Job-Id": done.id})
