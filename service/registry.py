@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from service.pipeline_folder import active_components, expand_drop
+from service.preset_sizes import preset_size_config
 
 EVAL_REPORT_FILE = "eval.json"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -359,11 +360,9 @@ class _SourceConfigs:
 
 def _source_configs(source: str) -> _SourceConfigs | None:
     """The configs of a source, read from disk (no torch); None when unknown."""
-    if source.startswith("tiny:"):
-        from segquant_shapes.models import PRESETS
-
-        kind = source.split(":")[1]
-        return _SourceConfigs("Shapes", dict(PRESETS[f"{kind}-tiny"]), None)
+    if source.startswith("tiny:"):  # built by the worker (torch); the API needs only the size-relevant keys
+        tiny = preset_size_config(f"{source.split(':')[1]}-tiny")
+        return _SourceConfigs("Shapes", tiny, None) if tiny else None
     folder = source_pipeline_dir(source)
     if folder is not None:
         index_file = folder / "model_index.json"
@@ -375,10 +374,8 @@ def _source_configs(source: str) -> _SourceConfigs | None:
             if cfg.is_file():
                 return _SourceConfigs(str(index.get("_class_name", "")), json.loads(cfg.read_text()), vae)
     if source.startswith("shipped:"):  # weights not on this machine (e.g. an API-only host): the preset
-        from segquant_shapes.models import PRESETS
-
-        preset = PRESETS.get(source.split(":", 1)[1])
-        return _SourceConfigs("Shapes", dict(preset), None) if preset else None
+        preset = preset_size_config(source.split(":", 1)[1])
+        return _SourceConfigs("Shapes", preset, None) if preset else None
     return None
 
 

@@ -130,10 +130,10 @@ class LocalQueue:
 
     async def fail_queued(self, key: VariantKey, error: JobError) -> list[str]:
         failed = [
-            j
-            for _, j in self._queues.get(key, ())
-            if (job := self._jobs.get(j)) is not None and job.state is JobState.QUEUED
-        ]
+            j.id
+            for j in self._jobs.values()
+            if j.state is JobState.QUEUED and VariantKey(j.params.model, j.params.variant) == key
+        ]  # read-but-not-started jobs too (they left the deque but still wait), as in Redis
         for job_id in failed:
             self._terminate(self._jobs[job_id], JobState.FAILED, error=error)
         if failed:
@@ -322,16 +322,24 @@ class LocalQueue:
     async def ack(self, delivery: Delivery) -> None:
         return None
 
-    async def release(self, delivery: Delivery, worker_id: str) -> None:
+    async def release(self, delivery: Delivery, worker_id: str) -> str:
+        """Hand a delivery back: the job waits again at the tail of its variant's queue (as in Redis)."""
         job = self._jobs.get(delivery.job_id)
-        if job is None or job.state.terminal or self._entry.get(job.id) != delivery.entry_id:
-            return
+        if job is None:
+            return "missing"
+        if self._entry.get(job.id) != delivery.entry_id:
+            return "stale"
+        if job.state is JobState.RUNNING and job.worker_id != worker_id:
+            return "not_owner"
+        if job.state.terminal:
+            return "terminal"
         job.state, job.progress = JobState.QUEUED, None
         entry = str(next(self._ids))
         self._entry[job.id] = entry
-        self._queues.setdefault(delivery.key, deque()).appendleft((entry, job.id))
+        self._queues.setdefault(delivery.key, deque()).append((entry, job.id))  # REQUEUE_END: the tail
         self._event(job.id, "requeued")
         await self._notify()
+        return "requeued"
 
     async def dead_letter(self, delivery: Delivery, message: str) -> bool:
         return await self.finish(

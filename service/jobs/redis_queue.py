@@ -456,7 +456,7 @@ class RedisQueue:
     async def ack(self, delivery: Delivery) -> None:
         await self.redis.xack(self._key(delivery.key), GROUP, delivery.entry_id)
 
-    async def release(self, delivery: Delivery, worker_id: str) -> None:
+    async def release(self, delivery: Delivery, worker_id: str) -> str:
         key = delivery.key
         out = await self._release(
             keys=[
@@ -470,6 +470,7 @@ class RedisQueue:
         )
         if out[0] != "not_owner":  # another worker took the job over: its pending entry is not ours to ack
             await self.ack(delivery)
+        return str(out[0])
 
     async def dead_letter(self, delivery: Delivery, message: str) -> bool:
         """Record the entry in the dead-letter stream, fail the job and acknowledge the entry, in one script."""
