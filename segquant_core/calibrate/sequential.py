@@ -67,6 +67,8 @@ class _Lockstep:
         self.samples = [_Sample(i) for i in range(len(calls))]
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        # grad mode is per thread: the workers run the forward as the caller would (no_grad, or inference mode)
+        self.inference_mode = torch.is_inference_mode_enabled()
 
     def pause(self, unit: Unit, args: tuple, kwargs: dict[str, Any]) -> None:
         s: _Sample | None = getattr(self.local, "sample", None)
@@ -84,7 +86,7 @@ class _Lockstep:
         self.local.sample = s
         outcome = "done"
         try:
-            with torch.no_grad():
+            with torch.inference_mode() if self.inference_mode else torch.no_grad():
                 self.model(**move_call(self.calls[s.index], self.device, self.dtype))
         except _Aborted:
             pass
