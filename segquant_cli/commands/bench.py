@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--fp8", action="store_true", help="include fp8 (slow on CPU)")
     lp.add_argument("--reference", action="store_true", help="include the fake-quant reference backend")
     lp.add_argument("--json", default="bench-layer.json", help="where to write the JSON (default bench-layer.json)")
+    lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: CUDA-synchronised timing, cuBLAS bf16 baseline, max_memory_allocated per candidate")
 
     bp = levels.add_parser("block", help="one SD3.5-medium-shaped transformer block")
     bp.add_argument("--recipes", default="w8a8,w8a8-segquant,w4a8-segquant")
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--context-tokens", type=int, default=333)
     bp.add_argument("--rounds", type=int, default=6)
     bp.add_argument("--json", default="bench-block.json")
+    bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
     pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:mmdit / shipped:unet")
@@ -40,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--rounds", type=int, default=5)
     pp.add_argument("--memory", action="store_true", help="also measure peak memory per variant (subprocesses)")
     pp.add_argument("--json", default="bench-pipeline.json")
+    pp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     qp = levels.add_parser("quantize", help="build cost: memory at real size (SD3.5-medium config), or "
                            "block-sequential vs whole-model calibration on a shipped model")
@@ -55,10 +59,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     qp.add_argument("--rounds", type=int, default=2, help="alternating rounds for a pipeline model (default 2)")
     qp.add_argument("--json", default="bench-quantize.json")
 
+    mem = levels.add_parser("memory", help="load/serve memory of checkpoints (random SD3.5-medium, fresh processes)")
+    mem.add_argument("--layers", type=int, default=2, help="SD3.5-medium blocks to build, 1-24 (default 2)")
+    mem.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    mem.add_argument("--workdir", help="where to write the fp folder and checkpoints (default: a temp folder)")
+    mem.add_argument("--json", default="bench-memory.json")
+
     mp = levels.add_parser("memory-probe", help=argparse.SUPPRESS)
     mp.add_argument("model")
     mp.add_argument("spec")
     p.set_defaults(run=run)
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +87,12 @@ def run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"… {msg}", file=sys.stderr, flush=True)
 
-    env = environment("cpu")
+    device = getattr(args, "device", "cpu")
+    if device == "cuda":
+        _require_cuda()
+    env = environment(device)
+    if device == "cuda":  # titles name the processor the numbers come from
+        env["cpu"] = f"{env.get('gpu')} (sm_{env.get('capability')})"
     if args.level == "layer":
         from segquant_core.bench.layer import cpu_target_shapes, default_shapes, run_layer_bench
 
@@ -83,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
             shapes = default_shapes(args.model, tokens)
         rows = run_layer_bench(shapes, rounds=args.rounds, include_compile=not args.no_compile,
-                               include_fp8=args.fp8, include_reference=args.reference, progress=say)
+                               include_fp8=args.fp8, include_reference=args.reference, device=device, progress=say)
         title = f"bench layer — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["shape", "candidate", "median_ms", "vs_bf16", "vs_fp32", "vs_torch_ao", "rel_err", "weight_bytes"]
     elif args.level == "block":
@@ -91,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
 
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
-                               progress=say)
+                               device=device, progress=say)
         title = f"bench block — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["case", "candidate", "median_ms", "vs_bf16", "rel_err"]
     elif args.level == "pipeline":
@@ -110,11 +132,41 @@ def run(args: argparse.Namespace) -> int:
                       if args.memory else None)
         rows = run_pipeline_bench(lambda: load_pipeline(args.model), variants, prompts[:16], prompt=prompt,
                                   batch=args.batch, steps=args.steps, rounds=args.rounds, memory_cmd=memory_cmd,
-                                  progress=say)
+                                  device=device, progress=say)
         title = f"bench pipeline — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"]
     elif args.level == "quantize":
         rows, title, columns = _quantize_rows(args, env, say)
+    elif args.level == "memory":
+        from segquant_core.bench.memory import run_memory_bench
+
+        try:
+            rows, targets = run_memory_bench(args.layers, device=args.device,
+                                             workdir=Path(args.workdir) if args.workdir else None, progress=say)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        title = (f"bench memory — random SD3.5-medium, {args.layers} of 24 blocks, bf16, {args.device}, "
+                 f"{env['cpu']}")
+        columns = ["probe", "files_bytes", "baseline_rss_bytes", "peak_rss_bytes", "rss_bytes", "denoiser_bytes"]
+        if args.device == "cuda":
+            columns.append("cuda_max_allocated_bytes")
+        print_table(title, rows, columns)
+        print_table("targets", targets["items"], ["target", "measured", "limit", "met"])
+        print(f"targets_met: {targets['targets_met']}")
+        import json
+
+        from segquant_core.bench.report import markdown_table
+
+        path = write_json(Path(args.json), args.level, env, rows, command)
+        data = json.loads(path.read_text())
+        data.update(targets=targets["items"], targets_met=targets["targets_met"])
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)
+        with md.open("a") as f:
+            f.write("\n" + markdown_table(targets["items"], ["target", "measured", "limit", "met"]))
+            f.write(f"\ntargets_met: {targets['targets_met']}\n")
+        print(f"wrote {path} and {md}")
+        return 0
     else:  # memory-probe: the subprocess side of --memory
         from segquant_cli.models import load_pipeline
         from segquant_core.bench.pipeline import memory_probe

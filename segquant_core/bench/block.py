@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from diffusers.models.attention import JointTransformerBlock
 
+from segquant_core.bench.layer import cuda_peaks
 from segquant_core.bench.timing import alternate
 from segquant_core.quantize import quantize
 
@@ -37,12 +38,17 @@ def _rel_err(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
 
 
 def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: int = 333, batch: int = 1,
-                    dim: int = 1536, heads: int = 24, rounds: int = 6, calib_calls: int = 4,
+                    dim: int = 1536, heads: int = 24, rounds: int = 6, calib_calls: int = 4, device: str = "cpu",
                     progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
-    block = sd35_block(dim, heads)
-    x32 = block_inputs(dim, tokens, context_tokens, batch, seed=1)
+    """Rows per candidate; on CUDA timing is synchronised and ``max_memory_allocated`` per call reported."""
+    block = sd35_block(dim, heads).to(device)
+
+    def on(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in d.items()}
+
+    x32 = on(block_inputs(dim, tokens, context_tokens, batch, seed=1))
     x16 = {k: v.to(torch.bfloat16) for k, v in x32.items()}
-    calib = [block_inputs(dim, tokens, context_tokens, batch, seed=10 + i) for i in range(calib_calls)]
+    calib = [on(block_inputs(dim, tokens, context_tokens, batch, seed=10 + i)) for i in range(calib_calls)]
     with torch.no_grad():
         ref = block(**x32)
     b16 = copy.deepcopy(block).to(torch.bfloat16)
@@ -62,8 +68,10 @@ def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: i
     if progress:
         progress("timing")
     with torch.no_grad():
-        timings = alternate(fns, rounds=rounds, warmup=1, max_seconds=300)
+        timings = alternate(fns, rounds=rounds, warmup=1, max_seconds=300, device=device)
+        peaks = cuda_peaks(fns) if device.startswith("cuda") else {}
     bf16 = timings["bf16"].median_s
     return [{"case": f"SD3.5-medium block, {tokens}+{context_tokens} tokens, batch {batch}", "candidate": n,
              "median_ms": round(t.median_ms, 2), "vs_bf16": round(bf16 / t.median_s, 3),
-             "rel_err": errors[n], "rounds": len(t.samples)} for n, t in timings.items()]
+             "rel_err": errors[n], "rounds": len(t.samples),
+             **({"cuda_max_allocated_bytes": peaks[n]} if n in peaks else {})} for n, t in timings.items()]

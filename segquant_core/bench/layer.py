@@ -112,14 +112,15 @@ def segquant_variants(shape: LayerShape, include_fp8: bool = False) -> list[tupl
 
 
 def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_fp8: bool = False,
-                   include_reference: bool = False, seed: int = 0) -> tuple[dict[str, Callable[[], object]],
-                                                                            dict[str, float], dict[str, int]]:
-    """``(callables, rel. error vs fp32, weight bytes)`` for every candidate of ``shape``."""
+                   include_reference: bool = False, seed: int = 0,
+                   device: str = "cpu") -> tuple[dict[str, Callable[[], object]], dict[str, float], dict[str, int]]:
+    """``(callables, rel. error vs fp32, weight bytes)`` for every candidate of ``shape`` on ``device``
+    (on CUDA, bf16 is cuBLAS; torch.ao's dynamic int8 is CPU-only and left out there)."""
     torch.manual_seed(seed)
-    lin = nn.Linear(shape.k, shape.n).eval()
-    x32 = _inputs(shape, seed + 1)
+    lin = nn.Linear(shape.k, shape.n).eval().to(device)
+    x32 = _inputs(shape, seed + 1).to(device)
     x16 = x32.to(torch.bfloat16)
-    calib = [_inputs(shape, seed + 2 + i) for i in range(4)]
+    calib = [_inputs(shape, seed + 2 + i).to(device) for i in range(4)]
     with torch.no_grad():
         ref = lin(x32)
     lin16 = copy.deepcopy(lin).to(torch.bfloat16)
@@ -134,11 +135,13 @@ def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_f
             nbytes["bf16 compiled"] = nbytes["bf16"]
         except Exception:  # a missing compiler just drops this baseline
             pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, torch.qint8)
-    fns["torch.ao int8 dynamic"] = lambda: ao(x32)
-    nbytes["torch.ao int8 dynamic"] = shape.k * shape.n + shape.n * 4
+    ao: nn.Module | None = None
+    if device == "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, torch.qint8)
+        fns["torch.ao int8 dynamic"] = lambda: ao(x32)
+        nbytes["torch.ao int8 dynamic"] = shape.k * shape.n + shape.n * 4
     variants = segquant_variants(shape, include_fp8)
     built: dict[str, nn.Module] = {}
     for name, r, seg, dual in variants:
@@ -149,7 +152,8 @@ def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_f
     errors = {"fp32": 0.0}
     with torch.no_grad():
         errors["bf16"] = _rel_err(lin16(x16), ref)
-        errors["torch.ao int8 dynamic"] = _rel_err(ao(x32), ref)
+        if ao is not None:
+            errors["torch.ao int8 dynamic"] = _rel_err(ao(x32), ref)
         if "bf16 compiled" in fns:
             errors["bf16 compiled"] = errors["bf16"]
         for name, layer in built.items():
@@ -160,22 +164,40 @@ def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_f
 
 
 def run_layer_bench(shapes: list[LayerShape], *, rounds: int = 10, include_compile: bool = True,
-                    include_fp8: bool = False, include_reference: bool = False,
+                    include_fp8: bool = False, include_reference: bool = False, device: str = "cpu",
                     progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
-    """One table row per (shape, candidate): median ms, speed-up vs bf16 and fp32, error, weight bytes."""
+    """One table row per (shape, candidate): median ms, speed-up vs bf16 and fp32, error, weight bytes.
+
+    On CUDA timing is synchronised around every call and each candidate's ``max_memory_allocated`` over
+    one call is reported too."""
     rows: list[dict[str, object]] = []
     for shape in shapes:
         if progress:
             progress(shape.name)
         fns, errors, nbytes = candidates_for(shape, include_compile=include_compile, include_fp8=include_fp8,
-                                             include_reference=include_reference)
+                                             include_reference=include_reference, device=device)
         with torch.no_grad():
-            timings = alternate(fns, rounds=rounds, warmup=2, max_seconds=120)
+            timings = alternate(fns, rounds=rounds, warmup=2, max_seconds=120, device=device)
+            peaks = cuda_peaks(fns) if device.startswith("cuda") else {}
         bf16, fp32 = timings["bf16"].median_s, timings["fp32"].median_s
-        ao = timings["torch.ao int8 dynamic"].median_s
+        ao = timings["torch.ao int8 dynamic"].median_s if "torch.ao int8 dynamic" in timings else None
         for name, t in timings.items():
             rows.append({"shape": shape.name, "m": shape.m, "k": shape.k, "n": shape.n, "candidate": name,
                          "median_ms": round(t.median_ms, 3), "vs_bf16": round(bf16 / t.median_s, 3),
-                         "vs_fp32": round(fp32 / t.median_s, 3), "vs_torch_ao": round(ao / t.median_s, 3),
-                         "rel_err": errors.get(name), "weight_bytes": nbytes.get(name), "rounds": len(t.samples)})
+                         "vs_fp32": round(fp32 / t.median_s, 3),
+                         "vs_torch_ao": round(ao / t.median_s, 3) if ao else None,
+                         "rel_err": errors.get(name), "weight_bytes": nbytes.get(name), "rounds": len(t.samples),
+                         **({"cuda_max_allocated_bytes": peaks[name]} if name in peaks else {})})
     return rows
+
+
+def cuda_peaks(fns: dict[str, Callable[[], object]]) -> dict[str, int]:
+    """``torch.cuda.max_memory_allocated`` over one call of each candidate (reset before each)."""
+    peaks = {}
+    for name, fn in fns.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peaks[name] = int(torch.cuda.max_memory_allocated())
+    return peaks

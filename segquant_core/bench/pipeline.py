@@ -10,6 +10,7 @@ of a small model's process is set by imports and loading, the same for every var
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -20,7 +21,15 @@ from typing import Any
 
 import torch
 
-from segquant_core.api import load_into_pipeline, quantize_pipeline, save
+from segquant_core.api import (
+    load_denoiser,
+    load_into_pipeline,
+    quantize_pipeline,
+    read_manifest,
+    replace_denoiser,
+    resident_bytes,
+    save,
+)
 from segquant_core.bench.timing import alternate
 from segquant_core.calibrate.capture import denoiser_of
 
@@ -31,9 +40,11 @@ def _module_bytes(m: torch.nn.Module) -> int:
 
 def run_pipeline_bench(load_pipeline: Callable[[], Any], variants: list[str], calibration_prompts: list[str], *,
                        prompt: str, batch: int = 4, steps: int = 20, guidance_scale: float = 3.0, rounds: int = 5,
-                       memory_cmd: list[str] | None = None, calib_steps_per_prompt: int = 4,
+                       memory_cmd: list[str] | None = None, calib_steps_per_prompt: int = 4, device: str = "cpu",
                        progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
-    """Rows per variant: s/image, s/step, speed-up vs fp, denoiser weight bytes, peak memory (if measured)."""
+    """Rows per variant: s/image, s/step, speed-up vs fp, denoiser resident bytes (kernels included), peak
+    memory (if measured, in a fresh process per variant that loads the variant's checkpoint as the worker
+    does). On CUDA timing is synchronised and the memory is ``max_memory_allocated``."""
     names = ["fp", *[v for v in variants if v != "fp"]]
     pipes: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="segquant-bench-"))
@@ -41,6 +52,8 @@ def run_pipeline_bench(load_pipeline: Callable[[], Any], variants: list[str], ca
         if progress:
             progress(f"preparing {name}")
         pipe = load_pipeline()
+        if device != "cpu":
+            pipe = pipe.to(device)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         if name != "fp":
@@ -59,27 +72,28 @@ def run_pipeline_bench(load_pipeline: Callable[[], Any], variants: list[str], ca
     if progress:
         progress("timing")
     with torch.no_grad():
-        timings = alternate({n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=600)
+        timings = alternate({n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=600,
+                            device=device)
     fp = timings["fp"].median_s
     rows = []
     for name, t in timings.items():
         row: dict[str, object] = {
             "variant": name, "batch": batch, "steps": steps, "s_per_image": round(t.median_s / batch, 4),
             "s_per_step": round(t.median_s / steps, 4), "vs_fp": round(fp / t.median_s, 3),
-            "denoiser_bytes": _module_bytes(denoiser_of(pipes[name])), "rounds": len(t.samples)}
+            "denoiser_bytes": resident_bytes(denoiser_of(pipes[name])), "rounds": len(t.samples)}
         if memory_cmd is not None:
             art = workdir / name.replace(":", "_")
             row["peak_memory_bytes"] = measure_peak_memory(memory_cmd, art if name != "fp" else None,
-                                                           prompt, batch, steps, guidance_scale)
+                                                           prompt, batch, steps, guidance_scale, device)
         rows.append(row)
     return rows
 
 
 def measure_peak_memory(memory_cmd: list[str], artifact: Path | None, prompt: str, batch: int, steps: int,
-                        guidance_scale: float) -> int | None:
+                        guidance_scale: float, device: str = "cpu") -> int | None:
     """Run ``memory_cmd + [json args]`` in a fresh process; it prints ``{"peak_bytes": …}`` last."""
     args = json.dumps({"artifact": str(artifact) if artifact else None, "prompt": prompt, "batch": batch,
-                       "steps": steps, "guidance_scale": guidance_scale})
+                       "steps": steps, "guidance_scale": guidance_scale, "device": device})
     proc = subprocess.run([*memory_cmd, args], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return None
@@ -91,16 +105,24 @@ def measure_peak_memory(memory_cmd: list[str], artifact: Path | None, prompt: st
 
 def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
     """Subprocess side of :func:`measure_peak_memory`: load, apply the artifact, generate, print peak."""
-    import gc
-
     from segquant_core.bench.timing import current_peak_rss_bytes, reset_peak_rss
 
     spec = json.loads(spec_json)
     pipe = load_pipeline()
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    if spec.get("device", "cpu") != "cpu":
+        pipe = pipe.to(spec["device"])
     if spec["artifact"]:
-        load_into_pipeline(spec["artifact"], pipe)
+        if read_manifest(spec["artifact"])["format_version"] >= 2:
+            # as the worker serves it: the checkpoint's own denoiser, the float one dropped
+            float_denoiser = denoiser_of(pipe)
+            dtype, device = next(float_denoiser.parameters()).dtype, next(float_denoiser.parameters()).device
+            del float_denoiser
+            replace_denoiser(pipe, load_denoiser(spec["artifact"], device=device, dtype=dtype))
+            gc.collect()
+        else:
+            load_into_pipeline(spec["artifact"], pipe)
     cuda = torch.cuda.is_available() and next(denoiser_of(pipe).parameters()).is_cuda
     with torch.no_grad():  # warm-up: one-time costs (kernel compilation, weight packing) are not serving memory
         pipe([spec["prompt"]] * spec["batch"], num_inference_steps=2, guidance_scale=spec["guidance_scale"],
