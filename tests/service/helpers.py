@@ -230,3 +230,15 @@ def make_job(variant: str = "fp", deadline_s: float | None = None, prompt: str =
 def result() -> JobResult:
     return JobResult(images=[], timings=Timings(queue_wait_s=0, inference_s=0, total_s=0), worker_id="w",
                      batch_size=1)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text page (0 when absent): compare before/after, since the
+    collectors are process-wide and other tests in the same process count too."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

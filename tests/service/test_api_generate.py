@@ -150,6 +150,16 @@ async def test_idempotency_key(client: httpx.AsyncClient) -> None:
 
 
 async def test_models_and_metrics(client: httpx.AsyncClient) -> None:
+    # make everything this test reads happen here, so it passes alone and in any order
+    assert (await client.post("/generate", json={"prompt": "a red circle", "seed": 1})).status_code == 200
+    blocked = await blocker(client)
+    await client.delete(f"/jobs/{blocked}")
+    await wait_state(client, blocked, {"canceled"})  # counted by the worker when it stops
+    body = {"prompt": "a yellow star", "seed": 3}
+    queued = await client.post("/jobs", json=body, headers={"Idempotency-Key": "metrics-test"})
+    clash = await client.post("/jobs", json={**body, "seed": 4}, headers={"Idempotency-Key": "metrics-test"})
+    assert clash.status_code == 409
+    await wait_state(client, queued.json()["id"], {"succeeded"})  # the queue is empty again
     models = (await client.get("/models")).json()["data"]
     [model] = models
     assert model["sizes"] == {"multiple_of": 2, "min": 2, "max": 32, "default": 32}

@@ -4,6 +4,7 @@ dead-letter stream, and surviving a Redis restart (the API answers 503 meanwhile
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import httpx
 
 from service.jobs.constants import GROUP, Keys
 from service.jobs.model import JobEvent, JobState
+from service.jobs.queue import Delivery
 from service.jobs.redis_queue import RedisQueue
 from tests.service.helpers import (
     KEY,
@@ -33,8 +35,7 @@ async def test_idle_entries_are_reclaimed_and_counted(redis_url: str, key_prefix
     [d] = await q.read([KEY], "dead", 1, 0)
     await q.start(d, "dead")  # ...and the worker dies here
     assert await q.reclaim([KEY], "alive", min_idle_s=5, count=4) == []  # not idle long enough yet
-    await asyncio.sleep(0.3)
-    [again] = await q.reclaim([KEY], "alive", min_idle_s=0.2, count=4)
+    [again] = await reclaim_when_idle(q, "alive", min_idle_s=0.2, count=4)
     assert again.job_id == job.id and again.deliveries == 2
     started = await q.start(again, "alive")
     assert started.status == "started" and started.job.attempts == 2 and started.job.worker_id == "alive"
@@ -47,21 +48,37 @@ async def test_idle_entries_are_reclaimed_and_counted(redis_url: str, key_prefix
 
 
 async def test_heartbeat_keeps_a_live_job_from_being_reclaimed(redis_url: str, key_prefix: str) -> None:
+    """Heartbeats over twice the idle time keep the entry; once they stop it is taken over. Each check
+    refreshes right before reclaiming, so a slow, busy machine cannot make a live entry look idle."""
+    idle_s = 1.0
     q = RedisQueue(redis_url, prefix=key_prefix, result_ttl_s=60)
     await q.prepare([KEY])
     await q.submit(make_job(), capacity=10)
     [d] = await q.read([KEY], "w1", 1, 0)
-    for _ in range(3):
-        await asyncio.sleep(0.15)
+    beating_since = time.monotonic()
+    while time.monotonic() - beating_since < 2 * idle_s:
         assert await q.refresh([d], "w1") == set()
-    assert await q.reclaim([KEY], "w2", min_idle_s=0.3, count=4) == []
-    await asyncio.sleep(0.4)  # w1 stalls: no heartbeat
-    [stolen] = await q.reclaim([KEY], "w2", min_idle_s=0.3, count=4)
+        assert await q.reclaim([KEY], "w2", min_idle_s=idle_s, count=4) == []
+        await asyncio.sleep(idle_s / 4)
+    assert await q.refresh([d], "w1") == set()
+    [stolen] = await reclaim_when_idle(q, "w2", min_idle_s=idle_s, count=4)  # w1 stalls: no heartbeat
     assert stolen.entry_id == d.entry_id
     assert await q.refresh([d], "w1") == {d.entry_id}  # w1 learns it lost the entry, and does not take it back
     pending = await q.redis.xpending_range(Keys(key_prefix).stream(KEY), GROUP, "-", "+", 10)
     assert [p["consumer"] for p in pending] == ["w2"]
     await q.close()
+
+
+async def reclaim_when_idle(q: RedisQueue, consumer: str, *, min_idle_s: float, count: int,
+                            timeout: float = 30.0) -> list[Delivery]:
+    """Reclaim as soon as something has been idle long enough (a condition with a deadline, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await q.reclaim([KEY], consumer, min_idle_s=min_idle_s, count=count)
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"nothing idle for {min_idle_s} s was reclaimed in {timeout} s"
+        await asyncio.sleep(min_idle_s / 4)
 
 
 async def test_a_stalled_worker_cannot_hand_back_a_job_it_lost(redis_url: str, key_prefix: str) -> None:
@@ -71,8 +88,7 @@ async def test_a_stalled_worker_cannot_hand_back_a_job_it_lost(redis_url: str, k
     await q.submit(job, capacity=10)
     [d] = await q.read([KEY], "w1", 1, 0)
     await q.start(d, "w1")
-    await asyncio.sleep(0.3)
-    [taken] = await q.reclaim([KEY], "w2", min_idle_s=0.2, count=1)
+    [taken] = await reclaim_when_idle(q, "w2", min_idle_s=0.2, count=1)
     assert (await q.start(taken, "w2")).status == "started"
     await q.release(d, "w1")  # w1 wakes up draining: the job is w2's now
     current = await q.get(job.id)
