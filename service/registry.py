@@ -259,10 +259,14 @@ class Registry:
     @classmethod
     def default(cls) -> Registry:
         """The project's shipped MMDiT with the fp reference and the two SegQuant recipes."""
+        variants: list[Any] = ["fp"]
+        for recipe in ("w8a8-segquant", "w4a8-segquant"):
+            shipped = shipped_checkpoint_dir("mmdit", recipe)  # built by `python -m segquant_cli.shipped_checkpoints`
+            variants.append({"name": recipe, "recipe": recipe, **({"artifact": shipped} if shipped else {})})
         return cls.from_data([{
             "name": "shapes-mmdit", "source": "shipped:mmdit",
             "description": "the project's own 32x32 pixel-space MMDiT (coloured shapes)",
-            "variants": ["fp", "w8a8-segquant", "w4a8-segquant"],
+            "variants": variants,
         }])
 
     @classmethod
@@ -308,6 +312,15 @@ class Registry:
         spec = self.model(key.model).variant(key.variant)
         return spec.eval_report.expanduser() if spec.eval_report else \
             self.artifact_dir(key, cache_dir) / EVAL_REPORT_FILE
+
+
+def shipped_checkpoint_dir(model: str, variant: str) -> Path | None:
+    """The quantized checkpoint shipped with ``segquant_shapes`` for ``model``'s ``variant``, if there is one."""
+    spec = importlib.util.find_spec("segquant_shapes")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "weights" / model / "variants" / variant
+    return folder if (folder / "manifest.json").is_file() else None
 
 
 def _read_structured(path: Path) -> Any:

@@ -1,0 +1,139 @@
+"""Build the shipped quantized checkpoints: ``python -m segquant_cli.shipped_checkpoints [--check]``.
+
+Every shipped model (``segquant_shapes/weights/<model>``) gets ``variants/<recipe>/`` for each recipe below,
+built with exactly the calibration the service uses by default for a missing artifact (the registry's
+``CalibrationSpec`` at serving conditions, so the worker's staleness check accepts them): 64 calibration
+prompts × 4 of 20 steps (256 samples) at the default size and guidance, seed 0. One calibration capture
+per model serves both recipes. Each
+checkpoint also stores a witness (:mod:`segquant_core.witness`) for the fast "still current" test.
+``--check`` builds nothing and exits 1 if a checkpoint is missing or stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+MODELS = ("mmdit", "unet")
+RECIPES = ("w8a8-segquant", "w4a8-segquant")
+# A layer whose input is a raw model input (a sinusoidal timestep embedding), so its statistics do not
+# depend on how other layers were quantized.
+WITNESS_LAYERS = {"mmdit": "time_text_embed.timestep_embedder.linear_1", "unet": "time_embedding.linear_1"}
+
+
+def variants_dir(model: str) -> Path:
+    import segquant_shapes
+
+    return segquant_shapes.shipped_pipeline_path(model) / "variants"
+
+
+def checkpoint_dir(model: str, recipe: str) -> Path:
+    return variants_dir(model) / recipe
+
+
+def source_weights_dir(model: str) -> Path:
+    import segquant_shapes
+
+    return segquant_shapes.shipped_pipeline_path(model) / ("transformer" if model == "mmdit" else "unet")
+
+
+def calibration_spec(model: str, recipe: str) -> Any:
+    """The service's calibration for this shipped model's variant (registry defaults, serving conditions)."""
+    from service.registry import ModelSpec
+
+    spec = ModelSpec.model_validate({"name": f"shapes-{model}", "source": f"shipped:{model}", "variants": [recipe]})
+    return spec.variant(recipe).calibration
+
+
+def calibration_prompts(cal: Any) -> list[str]:
+    import segquant_shapes
+
+    return segquant_shapes.calibration_prompts(math.ceil(cal.samples / cal.steps_per_prompt))
+
+
+def expected_calibration(model: str, recipe: str) -> dict[str, Any]:
+    import segquant_core as sq
+
+    cal = calibration_spec(model, recipe)
+    return sq.calibration_settings(
+        calibration_prompts(cal),
+        num_inference_steps=cal.num_inference_steps,
+        steps_per_prompt=cal.steps_per_prompt,
+        guidance_scale=cal.guidance_scale,
+        seed=cal.seed,
+    )
+
+
+def status(model: str, recipe: str) -> Any:
+    """``sq.CheckpointStatus`` of one shipped checkpoint against today's engine and settings."""
+    import segquant_core as sq
+
+    return sq.checkpoint_status(
+        checkpoint_dir(model, recipe),
+        recipe,
+        calibration=expected_calibration(model, recipe),
+        source_sha256=sq.weights_sha256(source_weights_dir(model)),
+    )
+
+
+def build(model: str, recipes: tuple[str, ...] = RECIPES, progress: bool = True) -> list[Path]:
+    """Calibrate the shipped ``model`` once and write one checkpoint per recipe."""
+    import segquant_core as sq
+    import segquant_shapes
+    from segquant_core.witness import observe_layer, write_witness
+
+    cal = calibration_spec(model, recipes[0])
+    if any(calibration_spec(model, r) != cal for r in recipes):
+        raise RuntimeError("the recipes of one model are calibrated alike by the service")
+    pipe = segquant_shapes.load_shipped(model)
+    pipe.set_progress_bar_config(disable=True)
+    calib = sq.capture_calibration(
+        pipe,
+        calibration_prompts(cal),
+        num_inference_steps=cal.num_inference_steps,
+        steps_per_prompt=cal.steps_per_prompt,
+        guidance_scale=cal.guidance_scale,
+        seed=cal.seed,
+        call_kwargs=cal.call_kwargs,
+        progress=progress,
+    )
+    float_denoiser = sq.denoiser_of(pipe)
+    source = {"model": f"shipped:{model}", "weights_sha256": sq.weights_sha256(source_weights_dir(model))}
+    out = []
+    for recipe in recipes:
+        denoiser = copy.deepcopy(float_denoiser)
+        result = sq.quantize(denoiser, recipe, calib, seed=cal.seed, progress=progress)
+        target = sq.save(denoiser, checkpoint_dir(model, recipe), source=source)
+        witness = WITNESS_LAYERS[model]
+        spec = result.recipe.resolve(witness, result.plan.get(witness) or sq.LayerPlan(witness))
+        if spec is None or witness not in result.layers:
+            raise RuntimeError(f"witness layer {witness!r} of {model} is not quantized by {recipe}")
+        stats = observe_layer(float_denoiser, witness, calib.calls, spec.gptq, spec.segments, seed=cal.seed)
+        write_witness(target, witness, stats)
+        out.append(target)
+        print(f"wrote {target} ({sum(f.stat().st_size for f in target.iterdir()) / 1e6:.1f} MB)", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m segquant_cli.shipped_checkpoints", description=__doc__)
+    parser.add_argument("--model", choices=MODELS, action="append", help="only this model (repeatable)")
+    parser.add_argument("--check", action="store_true", help="build nothing; exit 1 if any checkpoint is stale")
+    args = parser.parse_args(argv)
+    models = tuple(args.model or MODELS)
+    if args.check:
+        stale = [(m, r, s.reason) for m in models for r in RECIPES if not (s := status(m, r))]
+        for m, r, reason in stale:
+            print(f"{m}/{r}: stale: {reason}")
+        return 1 if stale else 0
+    for m in models:
+        build(m)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
