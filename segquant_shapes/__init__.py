@@ -1,4 +1,4 @@
-"""SegQuant shapes: small self-trained text-to-image diffusion models (MMDiT and UNet) for quantization work.
+"""SegQuant shapes: small self-trained text-to-image diffusion models (MMDiT, UNet, Flux) for quantization work.
 
 The project cannot download pretrained diffusion weights, so it trains its own on a procedural
 "coloured shapes" world with a frozen pretrained MiniLM text encoder, and ships the weights here.
@@ -11,11 +11,18 @@ from pathlib import Path
 import torch
 
 from .models import PRESETS, build_denoiser
-from .pipelines import ShapesMMDiTPipeline, ShapesPipelineBase, ShapesUNetPipeline, make_pipeline
+from .pipelines import (
+    ShapesFluxPipeline,
+    ShapesMMDiTPipeline,
+    ShapesPipelineBase,
+    ShapesUNetPipeline,
+    make_pipeline,
+)
 from .splits import calibration_prompts, eval_prompts
 from .text_encoder import encode_prompts
 
 __all__ = [
+    "ShapesFluxPipeline",
     "ShapesMMDiTPipeline",
     "ShapesPipelineBase",
     "ShapesUNetPipeline",
@@ -32,12 +39,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _CLASSES: dict[str, type[ShapesPipelineBase]] = {
     "ShapesMMDiTPipeline": ShapesMMDiTPipeline,
     "ShapesUNetPipeline": ShapesUNetPipeline,
+    "ShapesFluxPipeline": ShapesFluxPipeline,
 }
+SHIPPED_MODELS: tuple[str, ...] = ("mmdit", "unet", "flux")
 
 
 def shipped_pipeline_path(name: str = "mmdit") -> Path:
-    """Directory of a shipped pipeline ('mmdit' or 'unet'); it may not exist before export."""
-    if name not in ("mmdit", "unet"):
+    """Directory of a shipped pipeline ('mmdit', 'unet' or 'flux'); it may not exist before export."""
+    if name not in SHIPPED_MODELS:
         raise ValueError(f"unknown shipped model {name!r}")
     return WEIGHTS_DIR / name
 

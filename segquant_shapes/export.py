@@ -25,6 +25,10 @@ from .splits import calibration_prompts, eval_prompts
 _ARCH = {
     "mmdit": "diffusers `SD3Transformer2DModel` (stock class) in pixel space: patch 2, 3 in/out channels, "
     "32x32 -> 256 image tokens joined with 32 MiniLM text tokens",
+    "flux": "diffusers `FluxTransformer2DModel` (stock class) in pixel space: 2x2 RGB patches packed into "
+    "12-channel tokens (32x32 -> 256 image tokens) joined with 32 MiniLM text tokens (token states in the T5 "
+    "role, pooled vector in the CLIP role); double-stream then single-stream blocks, 3-axis RoPE "
+    "(text ids 0, image ids (0, row, col)), no guidance embedding (classifier-free guidance instead)",
     "unet": "diffusers `UNet2DConditionModel` (stock class) in pixel space with cross-attention on the "
     "32 MiniLM token states and GEGLU feed-forward; the pooled vector is not used",
 }

@@ -1,6 +1,6 @@
-"""Denoiser configurations (stock diffusers classes) and the one forward signature both share.
+"""Denoiser configurations (stock diffusers classes) and the one forward signature they share.
 
-Both denoisers predict the rectified-flow velocity ``noise - x0`` for ``x_t = (1 - t) x0 + t noise``
+All denoisers predict the rectified-flow velocity ``noise - x0`` for ``x_t = (1 - t) x0 + t noise``
 and receive ``t * 1000``, the timestep scaling FlowMatchEulerDiscreteScheduler uses.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 
+from .flux import flux_config, flux_velocity
 from .text_encoder import TEXT_DIM
 
-Denoiser = SD3Transformer2DModel | UNet2DConditionModel
+Denoiser = SD3Transformer2DModel | UNet2DConditionModel | FluxTransformer2DModel
 
 
 def mmdit_config(layers: int = 4, heads: int = 4, head_dim: int = 32) -> dict[str, Any]:
@@ -54,17 +55,21 @@ def unet_config(
 PRESETS: dict[str, dict[str, Any]] = {
     "mmdit": mmdit_config(4, 4, 40),
     "unet": unet_config(),
+    "flux": flux_config(2, 2, 4, 40),
     "mmdit-tiny": mmdit_config(2, 2, 32),
     "unet-tiny": unet_config(channels=(16, 32), layers_per_block=1, heads=2, groups=8),
+    "flux-tiny": flux_config(1, 1, 2, 16),
 }
 
 
 def build_denoiser(kind: str, config: dict[str, Any]) -> Denoiser:
-    """Instantiate the stock diffusers class for ``kind`` ('mmdit' or 'unet') from a config dict."""
+    """Instantiate the stock diffusers class for ``kind`` ('mmdit', 'unet' or 'flux') from a config dict."""
     if kind == "mmdit":
         return SD3Transformer2DModel(**config)
     if kind == "unet":
         return UNet2DConditionModel(**config)
+    if kind == "flux":
+        return FluxTransformer2DModel(**config)
     raise ValueError(f"unknown model kind {kind!r}")
 
 
@@ -73,6 +78,8 @@ def denoiser_kind(model: torch.nn.Module) -> str:
         return "mmdit"
     if isinstance(model, UNet2DConditionModel):
         return "unet"
+    if isinstance(model, FluxTransformer2DModel):
+        return "flux"
     raise TypeError(f"unsupported denoiser {type(model).__name__}")
 
 
@@ -80,6 +87,8 @@ def predict_velocity(
     model: Denoiser, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, pooled: torch.Tensor
 ) -> torch.Tensor:
     """Velocity prediction for noisy pixels ``x`` at flow time ``t`` in [0, 1] (shape [B])."""
+    if isinstance(model, FluxTransformer2DModel):
+        return flux_velocity(model, x, t, states, pooled)  # Flux multiplies t by 1000 itself
     timestep = t * 1000.0
     if isinstance(model, SD3Transformer2DModel):
         return model(hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled, timestep=timestep).sample

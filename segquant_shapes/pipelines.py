@@ -1,4 +1,4 @@
-"""Text-to-image pipelines for the shapes denoisers (MMDiT and UNet) sharing one sampling loop.
+"""Text-to-image pipelines for the shapes denoisers (MMDiT, UNet, Flux) sharing one sampling loop.
 
 Only the denoiser and the scheduler are registered components, so ``save_pretrained`` writes just
 ``model_index.json``, the denoiser (safetensors + config) and the scheduler config. The frozen MiniLM
@@ -15,6 +15,7 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     ImagePipelineOutput,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -22,6 +23,7 @@ from diffusers import (
 from PIL import Image
 
 from .adherence import check_image
+from .flux import PACK
 from .models import Denoiser, predict_velocity
 from .splits import N_HELD_OUT, calibration_prompts, eval_prompts
 from .text_encoder import encode_prompts
@@ -46,6 +48,11 @@ class ShapesPipelineBase(DiffusionPipeline):
     @property
     def _denoiser_device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels of the images (and noise) the loop works on."""
+        return int(self.denoiser.config.in_channels)
 
     # Defaults the `segquant` CLI and the service look for (quantize / eval / bench on this model).
     def default_eval_prompts(self, n: int = 32) -> list[str]:
@@ -75,7 +82,7 @@ class ShapesPipelineBase(DiffusionPipeline):
         self, batch: int, height: int, width: int, generator: GeneratorArg, latents: torch.Tensor | None
     ) -> torch.Tensor:
         """Initial noise in fp32; with a generator list, image i depends only on generator i."""
-        shape = (batch, self.denoiser.config.in_channels, height, width)
+        shape = (batch, self.pixel_channels, height, width)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
@@ -211,11 +218,36 @@ class ShapesUNetPipeline(ShapesPipelineBase):
         self.register_modules(unet=unet, scheduler=scheduler)
 
 
+class ShapesFluxPipeline(ShapesPipelineBase):
+    """Pixel-space Flux-style transformer (stock ``FluxTransformer2DModel``) with MiniLM conditioning.
+
+    MiniLM token states stand in for T5 and its pooled vector for CLIP; 2x2 pixel patches are packed into
+    tokens inside :func:`segquant_shapes.flux.flux_velocity`, so the sampling loop is the shared one.
+    """
+
+    denoiser_name = "transformer"
+    model_cpu_offload_seq = "transformer"
+
+    def __init__(self, transformer: FluxTransformer2DModel, scheduler: FlowMatchEulerDiscreteScheduler) -> None:
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler)
+
+    @property
+    def pixel_channels(self) -> int:
+        """The transformer sees packed 2x2 patches; the loop works on the RGB pixels."""
+        return int(self.transformer.config.in_channels) // (PACK * PACK)
+
+    def _check_size(self, height: int, width: int) -> None:
+        """RoPE ids cover any size; only the 2x2 packing constrains it (trained at 32x32)."""
+        if height % PACK or width % PACK or height <= 0 or width <= 0:
+            raise ValueError(f"height/width must be positive multiples of {PACK}")
+
+
 def _register_with_diffusers() -> None:
     """Make ``DiffusionPipeline.from_pretrained(dir)`` resolve our ``_class_name`` (it looks in ``diffusers``)."""
     import diffusers
 
-    for cls in (ShapesMMDiTPipeline, ShapesUNetPipeline):
+    for cls in (ShapesMMDiTPipeline, ShapesUNetPipeline, ShapesFluxPipeline):
         setattr(diffusers, cls.__name__, cls)
 
 
@@ -227,4 +259,6 @@ def make_pipeline(denoiser: Denoiser) -> ShapesPipelineBase:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     if isinstance(denoiser, SD3Transformer2DModel):
         return ShapesMMDiTPipeline(transformer=denoiser, scheduler=scheduler)
+    if isinstance(denoiser, FluxTransformer2DModel):
+        return ShapesFluxPipeline(transformer=denoiser, scheduler=scheduler)
     return ShapesUNetPipeline(unet=denoiser, scheduler=scheduler)

@@ -1,6 +1,6 @@
 """Train a shapes denoiser from scratch with rectified flow on the CPU (resumable, safetensors only).
 
-Usage: ``python -m segquant_shapes.train --model mmdit|unet --out runs/<name> --minutes N [--steps N] [--resume]``
+Usage: ``python -m segquant_shapes.train --model mmdit|unet|flux --out runs/<name> --minutes N [--steps N] [--resume]``
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def init_from_pipeline(path: Path, kind: str, model: torch.nn.Module, ema: torch
 
     Lets a shipped model keep training after its run directory (optimizer state included) is gone.
     """
-    sub = path / ("transformer" if kind == "mmdit" else "unet")
+    sub = path / ("unet" if kind == "unet" else "transformer")
     weights = sub / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"--init-from: no {weights.relative_to(path)} under {path}")
@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> Path:
     else:
         cfg = TrainConfig(model=args.model, preset=args.preset or args.model, batch=args.batch, seed=args.seed)
         model_config = PRESETS[cfg.preset]
+    if args.ckpt_every:  # on a busy shared CPU, steps are slow: checkpoint by step count the caller picks
+        cfg.ckpt_every = args.ckpt_every
     command = "python -m segquant_shapes.train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if not (args.resume and cfg_path.exists()):
         cfg_path.write_text(
@@ -248,7 +250,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", choices=["mmdit", "unet"], required=True)
+    p.add_argument("--model", choices=["mmdit", "unet", "flux"], required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget of this invocation")
     p.add_argument("--steps", type=int, default=0, help="stop at this total step (0: time budget only)")
@@ -257,6 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint interval in steps (0: the recipe's 250)")
     p.add_argument("--init-from", default="", help="start from an exported pipeline dir's weights (new run only)")
     p.add_argument("--init-step", type=int, default=0, help="step count of the --init-from weights (for the card)")
     p.add_argument("--init-seconds", type=float, default=0.0, help="training seconds already in --init-from")

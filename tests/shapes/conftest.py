@@ -21,3 +21,10 @@ def tiny_unet():
     from segquant_shapes import tiny_random_pipeline
 
     return tiny_random_pipeline("unet", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    from segquant_shapes import tiny_random_pipeline
+
+    return tiny_random_pipeline("flux", seed=0)

@@ -20,9 +20,9 @@ def _gens(*seeds: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-@pytest.fixture(params=["mmdit", "unet"])
-def pipe(request, tiny_mmdit, tiny_unet):
-    return tiny_mmdit if request.param == "mmdit" else tiny_unet
+@pytest.fixture(params=["mmdit", "unet", "flux"])
+def pipe(request, tiny_mmdit, tiny_unet, tiny_flux):
+    return {"mmdit": tiny_mmdit, "unet": tiny_unet, "flux": tiny_flux}[request.param]
 
 
 def test_stock_denoiser_classes_and_size(tiny_mmdit, tiny_unet) -> None:

@@ -10,7 +10,7 @@ from segquant_shapes import load_shipped, shipped_pipeline_path
 from segquant_shapes import text_encoder as te
 
 
-@pytest.mark.parametrize("name", ["mmdit", "unet"])
+@pytest.mark.parametrize("name", ["mmdit", "unet", "flux"])
 def test_shipped_pipeline_offline(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     path = shipped_pipeline_path(name)
     if not (path / "model_index.json").exists():
