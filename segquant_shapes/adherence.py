@@ -4,6 +4,9 @@ Background = border median snapped to the palette. Shape colour = most common pa
 pixels far from the background. Position = nearest anchor to the centroid of the largest blob of that
 colour. Shape type = best IoU when matching circle / square / triangle templates (same geometry as the
 renderer) around the blob's bounding box. Size = fitted radius against the small/large midpoint.
+Style = "outlined" when the blob encloses holes (pixels the outside cannot reach) of at least
+``OUTLINED_HOLE_SHARE`` of its filled area; an outlined blob's shape and size are read from the filled area.
+A filled blob is read exactly as before styles existed, so the base world's scores do not change.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ ATTRIBUTES: tuple[str, ...] = ("background", "color", "position", "shape")
 _NAMES = list(PALETTE)
 _RGB = np.array([PALETTE[n] for n in _NAMES], dtype=np.float32)
 FG_DISTANCE: float = 80.0
+# Rendered outlines leave holes of >= 26% of the filled area (1 px triangles, small) up to 70%; filled
+# shapes none. The threshold sits well below the rendered minimum so a slightly smeared ring still counts.
+OUTLINED_HOLE_SHARE: float = 0.1
 _SIZE_SPLIT = 0.5 * (SIZE_RADII["small"] + SIZE_RADII["large"])
 # Pixel area per r^2 of each rendered shape (see render.shape_mask), to read the size from the area.
 _AREA_PER_R2 = {"circle": np.pi, "square": 1.76**2, "triangle": 1.8}
@@ -37,6 +43,7 @@ class BlobReading:
     shape: str | None
     size: str | None
     pixels: int
+    style: str | None = None
 
 
 def to_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -85,6 +92,23 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` plus every pixel the image border cannot reach through 4-connected non-mask pixels."""
+    h, w = mask.shape
+    outside = np.zeros_like(mask)
+    queue = deque((y, x) for y in range(h) for x in (0, w - 1) if not mask[y, x])
+    queue.extend((y, x) for x in range(w) for y in (0, h - 1) if not mask[y, x])
+    for y, x in queue:
+        outside[y, x] = True
+    while queue:
+        y, x = queue.popleft()
+        for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+            if 0 <= ny < h and 0 <= nx < w and not mask[ny, nx] and not outside[ny, nx]:
+                outside[ny, nx] = True
+                queue.append((ny, nx))
+    return ~outside
+
+
 def nearest_position(cx: float, cy: float) -> str:
     return min(POSITION_ANCHORS, key=lambda k: (POSITION_ANCHORS[k][0] - cx) ** 2 + (POSITION_ANCHORS[k][1] - cy) ** 2)
 
@@ -129,9 +153,14 @@ def read_blob(snapped: np.ndarray, fg: np.ndarray, color: str) -> BlobReading:
         return BlobReading(color, None, None, None, 0)
     ys, xs = np.nonzero(mask)
     pos = nearest_position(float(xs.mean()) + 0.5, float(ys.mean()) + 0.5)
+    filled = fill_holes(mask)
+    area = int(filled.sum())
+    style = "outlined" if area - n >= OUTLINED_HOLE_SHARE * area else "filled"
+    if style == "outlined":
+        mask, n = filled, area
     shape, _ = classify_shape(mask)
     size = None if shape is None else ("large" if np.sqrt(n / _AREA_PER_R2[shape]) >= _SIZE_SPLIT else "small")
-    return BlobReading(color, pos, shape, size, n)
+    return BlobReading(color, pos, shape, size, n, style)
 
 
 def read_image(image: Image.Image | np.ndarray) -> tuple[str, BlobReading | None, np.ndarray, np.ndarray]:
@@ -151,8 +180,9 @@ def read_image(image: Image.Image | np.ndarray) -> tuple[str, BlobReading | None
 def check_image(image: Image.Image | np.ndarray, prompt: str | Scene) -> dict[str, bool]:
     """Per-attribute correctness of an image for its prompt (any caption template, 1-3 shapes).
 
-    Keys: background, color, position, shape, size. For multi-shape prompts every shape must be found
-    (its colour present, and its largest blob at the stated position with the stated type and size).
+    Keys: background, color, position, shape, size, style. For multi-shape prompts every shape must be
+    found (its colour present, and its largest blob at the stated position with the stated type, size and
+    style). ``style`` is not part of ``all`` (ATTRIBUTES), so base-world figures read as before.
     """
     scene = parse_caption(prompt) if isinstance(prompt, str) else prompt
     bg, blob, snapped, fg = read_image(image)
@@ -164,12 +194,14 @@ def check_image(image: Image.Image | np.ndarray, prompt: str | Scene) -> dict[st
         res["position"] = ok and blob.position == spec.position
         res["shape"] = ok and blob.shape == spec.shape
         res["size"] = ok and blob.size == spec.size
+        res["style"] = ok and blob.style == spec.style
         return res
     readings = [read_blob(snapped, fg, s.color) for s in scene.shapes]
     res["color"] = all(r.pixels > 0 for r in readings)
     res["position"] = all(r.position == s.position for r, s in zip(readings, scene.shapes))
     res["shape"] = all(r.shape == s.shape for r, s in zip(readings, scene.shapes))
     res["size"] = all(r.size == s.size for r, s in zip(readings, scene.shapes))
+    res["style"] = all(r.style == s.style for r, s in zip(readings, scene.shapes))
     return res
 
 

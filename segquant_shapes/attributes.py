@@ -6,7 +6,7 @@ that a caption, its image and the analyser can never disagree about what a word 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 IMAGE_SIZE: int = 32
 
@@ -35,16 +35,22 @@ POSITION_ANCHORS: dict[str, tuple[float, float]] = {
     "center": (16.0, 16.0),
 }
 SIZE_RADII: dict[str, float] = {"small": 5.0, "large": 7.0}
+# Drawing styles. "filled" is the base world; "outlined" (a band OUTLINE_WIDTH px wide, the inside left as
+# background) is only ever rendered for LoRA training, so the shipped models have never seen it. Triangles
+# get a 1 px band: their inside is too narrow for 2 px to leave a hole at the small size.
+STYLES: tuple[str, ...] = ("filled", "outlined")
+OUTLINE_WIDTH: dict[str, int] = {"circle": 2, "square": 2, "triangle": 1}
 
 
 @dataclass(frozen=True)
 class ShapeSpec:
-    """One drawn object: what, which colour, how big and where (coarse)."""
+    """One drawn object: what, which colour, how big, where (coarse) and how it is drawn."""
 
     shape: str
     color: str
     size: str
     position: str
+    style: str = "filled"
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,18 @@ class Scene:
         return len(self.shapes) == 1
 
     def key(self) -> tuple[str, str, str, str, str]:
-        """Attribute combination of a single-shape scene (the unit of the train/eval split)."""
+        """Attribute combination of a single-shape scene (the unit of the train/eval split; style-blind)."""
         if not self.is_single:
             raise ValueError("only single-shape scenes have a combination key")
         s = self.shapes[0]
         return (self.background, s.color, s.shape, s.position, s.size)
+
+
+def restyle(scene: Scene, style: str) -> Scene:
+    """The same scene with every shape drawn in ``style`` (the split key ignores style)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; known: {', '.join(STYLES)}")
+    return Scene(scene.background, tuple(replace(s, style=style) for s in scene.shapes))
 
 
 def all_single_scenes() -> list[Scene]:

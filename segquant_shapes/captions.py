@@ -26,6 +26,8 @@ POSITION_WORDS: dict[str, tuple[str, ...]] = {
     "center": ("center", "middle", "centre"),
 }
 BACKGROUND_WORDS: tuple[str, ...] = ("background", "backdrop")
+# The LoRA trigger: written right before the shape noun ("a small red outlined circle"); filled is unmarked.
+STYLE_WORD: str = "outlined"
 
 # {c} colour, {s} size, {n} shape noun, {p} position, {b} background colour, {B} background noun.
 # Single-shape templates; index 0 is the canonical form used for eval / calibration prompts.
@@ -58,7 +60,7 @@ def caption_for(scene: Scene, rng: np.random.Generator | None) -> str:
         return t.format(
             s=pick(SIZE_WORDS[spec.size]),
             c=spec.color,
-            n=pick(SHAPE_WORDS[spec.shape]),
+            n=(f"{STYLE_WORD} " if spec.style == "outlined" else "") + pick(SHAPE_WORDS[spec.shape]),
             p=pick(POSITION_WORDS[spec.position]),
             b=scene.background,
             B=pick(BACKGROUND_WORDS),
@@ -97,7 +99,7 @@ def parse_caption(caption: str) -> Scene:
             continue
         if color is None or size is None or pos is None:
             raise ValueError(f"incomplete shape clause {chunk!r} in caption {caption!r}")
-        specs.append(ShapeSpec(shape, color, size, pos))
+        specs.append(ShapeSpec(shape, color, size, pos, "outlined" if STYLE_WORD in words else "filled"))
     if not specs:
         raise ValueError(f"no shape in caption {caption!r}")
     assert all(s.shape in SHAPES and s.size in SIZES and s.position in POSITIONS for s in specs)

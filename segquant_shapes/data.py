@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .attributes import COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeSpec
+from .attributes import COLORS, POSITIONS, SHAPES, SIZES, Scene, ShapeSpec, restyle
 from .captions import caption_for
 from .render import render_scene
 from .splits import is_held_out, train_scenes
@@ -58,19 +58,23 @@ class CaptionBank:
 
     Single-shape train scenes get ``variants`` captions each (random template/synonyms); a pool of
     multi-shape scenes adds ``n_multi`` more. Images are rendered on the fly with fresh jitter.
+    ``style`` draws every scene of the bank in that style (the base models train on "filled" only).
     """
 
-    def __init__(self, variants: int = 6, n_multi: int = 1500, max_shapes: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self, variants: int = 6, n_multi: int = 1500, max_shapes: int = 2, seed: int = 0, style: str = "filled"
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.scenes: list[Scene] = []
         self.captions: list[str] = []
-        for scene in train_scenes():
+        for base in train_scenes():
+            scene = restyle(base, style)
             for _ in range(variants):
                 self.scenes.append(scene)
                 self.captions.append(caption_for(scene, rng))
         self.n_single = len(self.scenes)
         for _ in range(n_multi):
-            scene = random_scene(rng, int(rng.integers(2, max_shapes + 1)))
+            scene = restyle(random_scene(rng, int(rng.integers(2, max_shapes + 1))), style)
             self.scenes.append(scene)
             self.captions.append(caption_for(scene, rng))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attributes import IMAGE_SIZE, PALETTE, POSITION_ANCHORS, SIZE_RADII, Scene
+from .attributes import IMAGE_SIZE, OUTLINE_WIDTH, PALETTE, POSITION_ANCHORS, SIZE_RADII, Scene
 
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
 
@@ -32,8 +32,24 @@ def shape_mask(shape: str, cx: float, cy: float, r: float, size: int = IMAGE_SIZ
     raise ValueError(f"unknown shape {shape!r}")
 
 
+def outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Pixels of ``mask`` within ``width`` 8-neighbour steps of its outside (a band of even width)."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        h, w = inner.shape
+        for dy in (0, 1, 2):
+            for dx in (0, 1, 2):
+                inner &= padded[dy : dy + h, dx : dx + w]
+    return mask & ~inner
+
+
 def render_scene(scene: Scene, rng: np.random.Generator | None = None, jitter: bool = True) -> np.ndarray:
-    """Render a scene to an HxWx3 uint8 array; with ``jitter`` the centre moves ±1.5 px, size ±10%."""
+    """Render a scene to an HxWx3 uint8 array; with ``jitter`` the centre moves ±1.5 px, size ±10%.
+
+    An outlined shape keeps only the pixels of its filled mask within ``OUTLINE_WIDTH[shape]`` px of the outside;
+    style draws no random numbers, so filled scenes render exactly as before styles existed.
+    """
     img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     img[:] = PALETTE[scene.background]
     for spec in scene.shapes:
@@ -45,5 +61,8 @@ def render_scene(scene: Scene, rng: np.random.Generator | None = None, jitter: b
             cx += float(rng.uniform(-1.5, 1.5))
             cy += float(rng.uniform(-1.5, 1.5))
             r *= float(rng.uniform(0.9, 1.1))
-        img[shape_mask(spec.shape, cx, cy, r)] = PALETTE[spec.color]
+        mask = shape_mask(spec.shape, cx, cy, r)
+        if spec.style == "outlined":
+            mask = outline(mask, OUTLINE_WIDTH[spec.shape])
+        img[mask] = PALETTE[spec.color]
     return img
