@@ -12,12 +12,16 @@ from typing import Any
 
 _MMDIT = {"sample_size": 32, "patch_size": 2, "pos_embed_max_size": 16}  # pixel space, 16x16 position table
 _UNET = {"sample_size": 32}  # pixel-space UNet: no patch, multiples of 8
+# pixel-space Flux: 2x2 packing, RoPE (no position table, no sample_size: the Shapes default of 32 applies)
+_FLUX = {"patch_size": 1, "guidance_embeds": False}
 
 PRESET_SIZE_CONFIGS: dict[str, dict[str, Any]] = {
     "mmdit": _MMDIT,
     "mmdit-tiny": _MMDIT,
     "unet": _UNET,
     "unet-tiny": _UNET,
+    "flux": {**_FLUX, "axes_dims_rope": (8, 16, 16)},
+    "flux-tiny": {**_FLUX, "axes_dims_rope": (4, 6, 6)},
 }
 
 

@@ -410,7 +410,8 @@ def derive_size_rule(source: str) -> SizeRule:
     step = VAE scale × what the denoiser needs per latent cell: the DiT patch (SD3, PixArt), Flux's 2×2
     latent packing; UNets and the pipelines that check ``% 8`` (SDXL, PixArt) also need a multiple of 8.
     The default is the pipeline's own default resolution (``sample_size`` × VAE scale; Flux has no
-    ``sample_size`` and defaults to 128 latent cells); the maximum is the position table of SD3-style
+    ``sample_size`` and defaults to 128 latent cells, except the project's pixel-space Shapes Flux, whose
+    pipeline defaults to 32 like the other Shapes pipelines); the maximum is the position table of SD3-style
     transformers, else twice (DiTs) or four times (UNets) the default.
     """
     found = _source_configs(source)
@@ -420,7 +421,8 @@ def derive_size_rule(source: str) -> SizeRule:
     cls = found.pipeline_class
     flux = "Flux" in cls or "guidance_embeds" in cfg or "axes_dims_rope" in cfg
     sample = cfg.get("sample_size")
-    latent_default = int(sample[0] if isinstance(sample, (list, tuple)) else sample or (128 if flux else 64))
+    flux_default = 32 if cls.startswith("Shapes") else 128
+    latent_default = int(sample[0] if isinstance(sample, (list, tuple)) else sample or (flux_default if flux else 64))
     default = latent_default * scale
     patch = int(cfg.get("patch_size") or 1)
     if flux:

@@ -125,3 +125,23 @@ def test_shipped_flux_is_a_known_name() -> None:
     assert shipped_pipeline_path("flux").name == "flux"
     with pytest.raises(ValueError, match="unknown shipped model"):
         shipped_pipeline_path("sdxl")
+
+
+def test_service_sizes_for_the_flux_sources_default_to_32() -> None:
+    from service.registry import derive_size_rule
+
+    for source in ("tiny:flux", "shipped:flux"):
+        rule = derive_size_rule(source)
+        assert (rule.multiple_of, rule.default) == (2, 32), source
+
+
+def test_cli_loads_shipped_flux_by_name_or_says_why_not() -> None:
+    from segquant_cli.errors import CLIError
+    from segquant_cli.models import load_pipeline as cli_load
+
+    if not (shipped_pipeline_path("flux") / "model_index.json").exists():
+        with pytest.raises(CLIError, match="shipped:flux"):
+            cli_load("shipped:flux")
+        return
+    pipe = cli_load("shipped:flux")
+    assert type(pipe) is ShapesFluxPipeline and type(pipe.transformer) is FluxTransformer2DModel
