@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
-    pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:mmdit / shipped:unet")
+    pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:mmdit / shipped:unet / shipped:flux")
     pp.add_argument("--variants", default="w8a8-segquant,w4a8-segquant")
     pp.add_argument("--batch", type=int, default=4)
     pp.add_argument("--steps", type=int, default=20)
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            "block-sequential vs whole-model calibration on a shipped model")
     qp.add_argument("--model", default="sd35-medium",
                     help="sd35-medium (random weights, real config, synthetic inputs; default) or a pipeline "
-                    "(shipped:mmdit / shipped:unet / a directory) to compare calibration modes on")
+                    "(shipped:mmdit / shipped:unet / shipped:flux / a directory) to compare calibration modes on")
     qp.add_argument("--layers", type=int, default=4, help="blocks of the SD3.5-medium model (default 4)")
     qp.add_argument("--samples", type=int, default=16, help="calibration calls (default 16)")
     qp.add_argument("--recipe", "--recipes", dest="recipes", default="w4a8-segquant,w8a8-segquant",
