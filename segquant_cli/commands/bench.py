@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
-    pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:mmdit / shipped:unet / shipped:flux")
+    pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:NAME (mmdit, unet, flux)")
     pp.add_argument("--variants", default="w8a8-segquant,w4a8-segquant")
     pp.add_argument("--batch", type=int, default=4)
     pp.add_argument("--steps", type=int, default=20)
