@@ -145,3 +145,26 @@ def test_cli_loads_shipped_flux_by_name_or_says_why_not() -> None:
         return
     pipe = cli_load("shipped:flux")
     assert type(pipe) is ShapesFluxPipeline and type(pipe.transformer) is FluxTransformer2DModel
+
+
+def test_a_flux_run_exports_to_a_loadable_pipeline_with_a_card(tmp_path: Path) -> None:
+    from segquant_shapes.checkpoint import save_checkpoint
+    from segquant_shapes.export import export_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = dict(PRESETS["flux-tiny"])
+    (run / "run_config.json").write_text(
+        json.dumps({"kind": "flux", "train": TrainConfig(model="flux").__dict__, "model_config": cfg, "command": "x"})
+    )
+    torch.manual_seed(1)
+    model = build_denoiser("flux", cfg)
+    save_checkpoint(run, 7, model, model, make_optimizer(model, 1e-3), {"loss": 0.5, "train_seconds": 3.0})
+    facts = export_run(run, tmp_path / "out", evaluate=False)
+    assert facts["kind"] == "flux" and facts["step"] == 7
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "FluxTransformer2DModel" in card and "**7**" in card
+    pipe = load_pipeline(tmp_path / "out")
+    assert type(pipe) is ShapesFluxPipeline
+    for a, b in zip(model.state_dict().values(), pipe.transformer.state_dict().values()):
+        assert torch.equal(a, b)
