@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -141,6 +142,37 @@ def _text_table(bank: CaptionBank, run_dir: Path) -> tuple[torch.Tensor, torch.T
     return states, pooled
 
 
+class _Signals:
+    """SIGUSR1: checkpoint after the current step; SIGTERM/SIGINT: checkpoint and stop.
+
+    Long background runs on a shared machine are stopped from outside (session end, shutdown), and an
+    export may be wanted between the regular checkpoints; neither should lose the steps since the last one.
+    """
+
+    def __init__(self) -> None:
+        self.save_now = False
+        self.stop = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for sig, handler in (
+            (signal.SIGUSR1, self._on_save),
+            (signal.SIGTERM, self._on_stop),
+            (signal.SIGINT, self._on_stop),
+        ):
+            self._previous[sig] = signal.signal(sig, handler)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_save(self, signum: int, frame: object) -> None:
+        self.save_now = True
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stop = True
+
+
 def _setup_logging(run_dir: Path) -> None:
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     for h in (logging.StreamHandler(sys.stdout), logging.FileHandler(run_dir / "train.log")):
@@ -210,7 +242,9 @@ def run(args: argparse.Namespace) -> Path:
         }
 
     bar = tqdm(total=None if not args.steps else target, initial=step, mininterval=60, file=sys.stderr)
-    while step < target and time.time() - t_start < budget:
+    signals = _Signals()
+    signals.install()
+    while step < target and time.time() - t_start < budget and not signals.stop:
         rng = np.random.default_rng([cfg.seed, step])
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         images, idx = bank.sample(rng, cfg.batch, cfg.multi_share)
@@ -238,9 +272,12 @@ def run(args: argparse.Namespace) -> Path:
                 f.write(json.dumps({"step": step, "loss": last_loss, "t": train_seconds + time.time() - t_start}))
                 f.write("\n")
             window, t_window = [], time.time()
-        if step % cfg.ckpt_every == 0:
+        if step % cfg.ckpt_every == 0 or signals.save_now:
+            signals.save_now = False
             save_checkpoint(run_dir, step, model, ema, opt, info())
+            log.info("checkpoint at step %d", step)
     bar.close()
+    signals.restore()
     if window:
         last_loss = float(np.mean(window))
     save_checkpoint(run_dir, step, model, ema, opt, info())

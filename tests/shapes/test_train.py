@@ -90,6 +90,26 @@ def test_cli_rejects_a_missing_init_from_dir_with_one_line(tmp_path: Path, capsy
     from segquant_shapes.train import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["--model", "mmdit", "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "nope"),
-              "--steps", "1"])
+        main(
+            ["--model", "mmdit", "--out", str(tmp_path / "run"), "--init-from", str(tmp_path / "nope"), "--steps", "1"]
+        )
     assert "--init-from" in str(exc.value.code) and "\n" not in str(exc.value.code)
+
+
+def test_signals_ask_for_a_checkpoint_or_a_stop_and_are_restored() -> None:
+    import os
+    import signal
+
+    from segquant_shapes.train import _Signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    s = _Signals()
+    s.install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert s.save_now and not s.stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert s.stop
+    finally:
+        s.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
