@@ -68,7 +68,7 @@ def test_missing_source_and_bad_size_are_one_line_errors(pipe_and_artifact, tmp_
     no_source = tmp_path / "no-source"
     no_source.mkdir()
     (no_source / "manifest.json").write_text(json.dumps(manifest))
-    (no_source / "quantized.safetensors").write_bytes((art / "quantized.safetensors").read_bytes())
+    (no_source / "model.safetensors").write_bytes((art / "model.safetensors").read_bytes())
     assert main(["export-onnx", str(no_source), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "source.path" in capsys.readouterr().err
     assert main(["export-onnx", str(art), "--out", str(tmp_path / "m.onnx"), "--example-size", "big"]) == 2
