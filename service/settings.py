@@ -87,6 +87,10 @@ class WorkerSettings(BaseModel):
                                                                     "call above which it fails with 'oom'")
     metrics_port: int = Field(0, ge=0, le=65535, description="worker /metrics port; 0 = off")
     cancel_poll_s: float = Field(0.25, gt=0)
+    step_timeout_s: float | None = Field(
+        None, gt=0, description="a call with no denoising step for this long is stalled: its jobs fail with "
+        "'stalled', and a call that does not stop then makes the worker exit non-zero (supervisor restarts it, "
+        "the jobs are reclaimed); default: 20 x the variant's median step time, never below 60 s")
 
 
 class Settings(BaseSettings):

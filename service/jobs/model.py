@@ -39,6 +39,7 @@ class FailureReason(str, Enum):
     WORKER_LOST = "worker_lost"  # its workers died max_deliveries times: dead-lettered
     MODEL_UNAVAILABLE = "model_unavailable"  # the variant could not be built or loaded
     INVALID = "invalid"  # the pipeline rejected the parameters
+    STALLED = "stalled"  # no denoising step for worker.step_timeout_s (a hung kernel or call)
     INTERNAL = "internal"
 
 
@@ -47,6 +48,8 @@ class DebugOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     crash_worker: bool = Field(False, description="the worker process exits (os._exit) at the first step")
+    hang_first_attempt: bool = Field(False, description="the first attempt's first step hangs for an hour (a "
+                                                        "call the worker cannot stop; later attempts run normally)")
     step_delay_s: float = Field(0.0, ge=0, le=5, description="sleep after every denoising step (slow jobs on "
                                                               "purpose, to kill or stop a worker mid-job)")
 

@@ -44,9 +44,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class StopBatch(Exception):
     """Raised from the step callback to stop a pipeline call between two denoising steps."""
 
-    def __init__(self, handback: bool = False) -> None:
-        self.handback = handback
-        super().__init__("hand back" if handback else "canceled")
+    def __init__(self, handback: bool = False, stalled: bool = False) -> None:
+        self.handback, self.stalled = handback, stalled
+        super().__init__("hand back" if handback else "stalled" if stalled else "canceled")
 
 
 class ArtifactMissingError(RuntimeError):
@@ -166,19 +166,8 @@ class Engine:
         return self.registry.artifact_dir(key, self.settings.cache_dir)
 
     def is_built(self, key: VariantKey) -> bool:
-        """fp, or a quantized variant whose checkpoint is what this engine would build (a stale one — other
-        engine numerics, recipe or format — is rebuilt rather than served)."""
         spec = self.registry.model(key.model).variant(key.variant)
-        return not spec.quantized or self._artifact_current(key, spec)
-
-    def _artifact_current(self, key: VariantKey, spec: VariantSpec) -> bool:
-        artifact = self.artifact_dir(key)
-        if not (artifact / MANIFEST).is_file():
-            return False
-        status = sq.checkpoint_status(artifact, spec.recipe)
-        if not status:
-            logger.warning("artifact of %s at %s is stale (%s); it will be rebuilt", key, artifact, status.reason)
-        return status.current
+        return not spec.quantized or (self.artifact_dir(key) / MANIFEST).is_file()
 
     def status(self, key: VariantKey) -> VariantStatus:
         with self._status_lock:
@@ -334,13 +323,11 @@ class Engine:
         logger.info("loading %s (recipe %s)", key, spec.recipe)
         parts = self._acquire_parts(model)
         try:
+            denoiser = self._float_denoiser(model, parts)
             if spec.quantized:
                 artifact = self.artifact_dir(key)
                 with _file_lock(_lock_path(artifact)):
-                    # a self-contained checkpoint loads without the float denoiser (format 2)
-                    denoiser = sq.load_denoiser(artifact, device=self.device, dtype=self.dtype)
-            else:
-                denoiser = self._float_denoiser(model, parts)
+                    sq.load(artifact, denoiser)
         except BaseException:
             self._release_parts(model.name)
             raise
@@ -352,7 +339,7 @@ class Engine:
             parts=parts,
             precision=self.precision,
             device=self.device,
-            weight_bytes=sq.resident_bytes(denoiser),  # kernels included, each weight once
+            weight_bytes=tensor_bytes(denoiser),
             load_seconds=time.perf_counter() - start,
         )
         logger.info(
@@ -386,7 +373,7 @@ class Engine:
             tracker.phase("waiting for the build lock")
             with _file_lock(_lock_path(artifact)):
                 calibration: list[str] | None = None
-                if not self._artifact_current(key, spec):
+                if not (artifact / MANIFEST).is_file():
                     calibration = self._calibrate_and_save(key, model, spec, artifact, tracker)
                     built_here = True
                 else:

@@ -51,6 +51,7 @@ from service.worker.engine import (
     build_route,
 )
 from service.worker.fidelity import psnr_of
+from service.worker.watchdog import CallWatch, Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class _Control:
     """Shared between the loop and one pipeline call's thread."""
 
     job_ids: list[str]
+    watch: CallWatch
     crash: bool = False
+    hang: bool = False
     step_delay_s: float = 0.0
     canceled: set[str] = field(default_factory=set)
     handback: threading.Event = field(default_factory=threading.Event)
@@ -87,8 +90,17 @@ class _Item:
 class Runner:
     """One worker: serves ``keys`` from ``queue`` with ``engine``."""
 
-    def __init__(self, queue: WorkerQueue, engine: Engine, settings: Settings, metrics: Metrics, *,
-                 keys: list[VariantKey], worker_id: str | None = None, metrics_port: int | None = None) -> None:
+    def __init__(
+        self,
+        queue: WorkerQueue,
+        engine: Engine,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        keys: list[VariantKey],
+        worker_id: str | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self.queue, self.engine, self.settings, self.metrics = queue, engine, settings, metrics
         self.keys = keys
         self.worker_id = worker_id or settings.worker.id or default_worker_id()
@@ -102,14 +114,19 @@ class Runner:
         self._running = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.builds = BuildManager(engine, build_requests_for(queue), self._build_done)
+        self.watchdog = Watchdog(settings.worker.step_timeout_s)
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         """Serve until :meth:`request_stop`; then finish or hand back what is held, and withdraw."""
         self._loop = asyncio.get_running_loop()
         await self._with_retry(lambda: self.queue.prepare(self.keys))
-        tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._cancel_loop()),
-                 asyncio.create_task(self._build_request_loop())]
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._cancel_loop()),
+            asyncio.create_task(self._build_request_loop()),
+            asyncio.create_task(self.watchdog.run(self._stopping)),
+        ]
         try:
             await self._with_retry(self._advertise)
             await self._preload()
@@ -173,8 +190,10 @@ class Runner:
     async def _preload(self) -> None:
         wanted = self.settings.worker.preload
         if wanted is None:
-            keys = [VariantKey(m, self.engine.registry.model(m).default_variant or "")
-                    for m in dict.fromkeys(k.model for k in self.keys)]
+            keys = [
+                VariantKey(m, self.engine.registry.model(m).default_variant or "")
+                for m in dict.fromkeys(k.model for k in self.keys)
+            ]
         else:
             keys = self.engine.registry.select(wanted)
         for key in [k for k in keys if k in self.keys]:
@@ -210,9 +229,17 @@ class Runner:
 
     # ------------------------------------------------------------------ background tasks
     def _info(self) -> WorkerInfo:
-        return WorkerInfo(id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), device=self.engine.device,
-                          state=self.state, started_at=self.started_at, metrics_port=self.metrics_port,
-                          variants={str(k): self.engine.status(k) for k in self.keys}, running=self._running)
+        return WorkerInfo(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            device=self.engine.device,
+            state=self.state,
+            started_at=self.started_at,
+            metrics_port=self.metrics_port,
+            variants={str(k): self.engine.status(k) for k in self.keys},
+            running=self._running,
+        )
 
     async def _advertise(self) -> None:
         ttl = max(3 * self.settings.queue.heartbeat_interval_s, 2.0)
@@ -225,8 +252,11 @@ class Runner:
                 lost = await self.queue.refresh(list(self._held.values()), self.worker_id)
                 for entry in lost:
                     d = self._held.pop(entry, None)  # no longer ours to refresh or hand back
-                    logger.warning("job %s was reclaimed by another worker (this one looked dead); "
-                                   "whichever finishes first records the result", d.job_id if d else entry)
+                    logger.warning(
+                        "job %s was reclaimed by another worker (this one looked dead); "
+                        "whichever finishes first records the result",
+                        d.job_id if d else entry,
+                    )
                 await self._advertise()
             except Exception as e:  # keep beating whatever happens
                 logger.warning("heartbeat failed: %s", e)
@@ -272,9 +302,12 @@ class Runner:
             await self._fail(it, FailureReason.MODEL_UNAVAILABLE, f"variant {key}: {error} ({route} retries it)")
             return
         if not self.engine.registry.model(key.model).build_on_demand:
-            await self._fail(it, FailureReason.MODEL_UNAVAILABLE,
-                             f"variant {key} is not built and this model builds only on request: {route} "
-                             f"(or `segquant quantize` into {self.engine.artifact_dir(key)})")
+            await self._fail(
+                it,
+                FailureReason.MODEL_UNAVAILABLE,
+                f"variant {key} is not built and this model builds only on request: {route} "
+                f"(or `segquant quantize` into {self.engine.artifact_dir(key)})",
+            )
             return
         if self.builds.start(key, f"job {job.id} needs it"):
             with contextlib.suppress(Exception):
@@ -293,8 +326,12 @@ class Runner:
             if outcome.built_here:
                 self.metrics.model_build.labels(key.model, key.variant).observe(outcome.seconds)
             self._set_psnr_gauge(key)
-            logger.info("build of %s finished in %.1fs (%s); its queued jobs run now", key, outcome.seconds,
-                        "built here" if outcome.built_here else "built by another worker")
+            logger.info(
+                "build of %s finished in %.1fs (%s); its queued jobs run now",
+                key,
+                outcome.seconds,
+                "built here" if outcome.built_here else "built by another worker",
+            )
         elif error is not None and not canceled:
             logger.warning("build of %s failed: %s; its queued jobs fail with that reason", key, error)
         with contextlib.suppress(Exception):
@@ -342,8 +379,9 @@ class Runner:
         if got and w.batch_wait_ms > 0 and len(got) < w.max_batch_size:
             deadline = time.monotonic() + w.batch_wait_ms / 1000
             while len(got) < w.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                more = await self.queue.read([got[0].key], self.worker_id, w.max_batch_size - len(got),
-                                             max(1, int(left * 1000)))
+                more = await self.queue.read(
+                    [got[0].key], self.worker_id, w.max_batch_size - len(got), max(1, int(left * 1000))
+                )
                 if not more:
                     break
                 got += more
@@ -359,9 +397,12 @@ class Runner:
                 item = await self._admit(d)
                 if item is not None:
                     items.append(item)
-            batches = group_compatible(items, key=lambda it: it.job.params.batch_key(),
-                                       size=lambda it: it.job.params.n,
-                                       max_images=self.settings.worker.max_batch_size)
+            batches = group_compatible(
+                items,
+                key=lambda it: it.job.params.batch_key(),
+                size=lambda it: it.job.params.n,
+                max_images=self.settings.worker.max_batch_size,
+            )
             for batch in batches:
                 if self._stopping.is_set():
                     break  # draining: what was read but not started is handed back below
@@ -382,8 +423,10 @@ class Runner:
         if d.deliveries > 1:
             self.metrics.redeliveries.labels(key.model, key.variant).inc()
         if d.deliveries > self.settings.queue.max_deliveries:
-            message = (f"delivered {d.deliveries} times and its worker died each time (limit "
-                       f"{self.settings.queue.max_deliveries}); moved to the dead-letter stream")
+            message = (
+                f"delivered {d.deliveries} times and its worker died each time (limit "
+                f"{self.settings.queue.max_deliveries}); moved to the dead-letter stream"
+            )
             written = await self.queue.dead_letter(d, message)
             self._held.pop(d.entry_id, None)
             self.metrics.dead_lettered.labels(key.model, key.variant).inc()
@@ -429,13 +472,23 @@ class Runner:
             for it in batch:
                 await self._fail(it, FailureReason.MODEL_UNAVAILABLE, reason)
             return
-        hooks = [it.job.params.debug for it in batch if it.job.params.debug is not None] \
-            if self.settings.debug_hooks else []
-        control = _Control([it.job.id for it in batch], crash=any(h.crash_worker for h in hooks),
-                           step_delay_s=max((h.step_delay_s for h in hooks), default=0.0))
+        hooks = (
+            [it.job.params.debug for it in batch if it.job.params.debug is not None]
+            if self.settings.debug_hooks
+            else []
+        )
+        ids = [it.job.id for it in batch]
+        control = _Control(
+            ids,
+            self.watchdog.watch(key, ids),
+            crash=any(h.crash_worker for h in hooks),
+            hang=any(h.hang_first_attempt for h in hooks) and all(it.job.attempts <= 1 for it in batch),
+            step_delay_s=max((h.step_delay_s for h in hooks), default=0.0),
+        )
         for it in [] if alone else batch:
             m.queue_wait.labels(key.model, key.variant).observe(
-                max(0.0, (it.job.started_at or time.time()) - it.job.created_at))
+                max(0.0, (it.job.started_at or time.time()) - it.job.created_at)
+            )
         progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
         publisher = asyncio.create_task(self._publish_progress(progress, control))
         self._controls.append(control)
@@ -446,12 +499,26 @@ class Runner:
         retry_alone: list[_Item] = []
         try:
             grouped, stats = await asyncio.to_thread(
-                self.engine.generate, lv, [Sample(it.job.params.prompt, it.job.params.negative_prompt,
-                                                  it.job.params.seeds) for it in batch],
-                width=params.width, height=params.height, steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale, on_step=on_step)
+                self.engine.generate,
+                lv,
+                [Sample(it.job.params.prompt, it.job.params.negative_prompt, it.job.params.seeds) for it in batch],
+                width=params.width,
+                height=params.height,
+                steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                on_step=on_step,
+            )
         except StopBatch as stop:
-            await self._stopped(batch, control, handback=stop.handback)
+            if stop.stalled:
+                limit = self.watchdog.limit(key)
+                for it in batch:
+                    await self._fail(
+                        it,
+                        FailureReason.STALLED,
+                        f"no denoising step for {limit:g} s (worker.step_timeout_s); the call was stopped",
+                    )
+            else:
+                await self._stopped(batch, control, handback=stop.handback)
         except Exception as e:
             if memory.is_oom(e):
                 memory.free_memory()
@@ -475,24 +542,33 @@ class Runner:
             progress.put_nowait(None)
             await publisher
             self._controls.remove(control)
+            self.watchdog.done(control.watch)
             self._running -= len(batch)
             m.jobs_running.labels(key.model, key.variant).dec(len(batch))
         for it in retry_alone:
             await self._run_batch([it], alone=True)
 
-    def _step_callback(self, control: _Control, loop: asyncio.AbstractEventLoop,
-                       progress: asyncio.Queue[tuple[int, int] | None]) -> Callable[[int, int], None]:
+    def _step_callback(
+        self, control: _Control, loop: asyncio.AbstractEventLoop, progress: asyncio.Queue[tuple[int, int] | None]
+    ) -> Callable[[int, int], None]:
         def on_step(step: int, total: int) -> None:  # runs in the pipeline thread
+            if control.hang:  # debug hook: a call that cannot be stopped (the watchdog makes the worker exit)
+                logger.critical("debug hook hang_first_attempt: this call hangs now")
+                time.sleep(3600)
+            control.watch.stepped()
             if control.crash:
                 logger.critical("debug hook crash_worker: exiting the worker process now")
                 os._exit(CRASH_EXIT_CODE)
             loop.call_soon_threadsafe(progress.put_nowait, (step, total))
             if control.step_delay_s:
                 time.sleep(control.step_delay_s)
+            if control.watch.stalled.is_set():
+                raise StopBatch(stalled=True)
             if control.handback.is_set():
                 raise StopBatch(handback=True)
             if control.all_canceled():
                 raise StopBatch()
+
         return on_step
 
     async def _publish_progress(self, progress: asyncio.Queue[tuple[int, int] | None], control: _Control) -> None:
@@ -506,30 +582,42 @@ class Runner:
     async def _stopped(self, batch: list[_Item], control: _Control, *, handback: bool) -> None:
         for it in batch:
             if it.job.id in control.canceled:
-                await self._finish(it, JobState.CANCELED, error=JobError(reason="canceled",
-                                                                         message="canceled while running"))
+                await self._finish(
+                    it, JobState.CANCELED, error=JobError(reason="canceled", message="canceled while running")
+                )
             elif handback:
                 await self.queue.release(it.delivery, self.worker_id)
                 self._held.pop(it.delivery.entry_id, None)
                 logger.info("handed job %s back to the queue (worker draining)", it.job.id)
             else:
-                await self._finish(it, JobState.CANCELED, error=JobError(reason="canceled",
-                                                                         message="canceled while running"))
+                await self._finish(
+                    it, JobState.CANCELED, error=JobError(reason="canceled", message="canceled while running")
+                )
 
-    async def _succeed(self, batch: list[_Item], control: _Control, lv: LoadedVariant,
-                       grouped: list[list[Any]], stats: CallStats, *, load_s: float = 0.0) -> None:
+    async def _succeed(
+        self,
+        batch: list[_Item],
+        control: _Control,
+        lv: LoadedVariant,
+        grouped: list[list[Any]],
+        stats: CallStats,
+        *,
+        load_s: float = 0.0,
+    ) -> None:
         key, m = lv.key, self.metrics
         m.inference.labels(key.model, key.variant).observe(stats.inference_s)
         m.batch_size.labels(key.model, key.variant).observe(stats.images)
         for s in stats.step_seconds:
             m.denoise_step.labels(key.model, key.variant).observe(s)
+        self.watchdog.record(key, stats.step_seconds)
         if stats.peak_memory_bytes:
             m.model_peak_memory.labels(key.model, key.variant, stats.memory_kind).set(lv.peak_memory_bytes)
         records: list[StatsRecord] = []
         for it, pil_images in zip(batch, grouped):
             if it.job.id in control.canceled:
-                await self._finish(it, JobState.CANCELED, error=JobError(reason="canceled",
-                                                                         message="canceled while running"))
+                await self._finish(
+                    it, JobState.CANCELED, error=JobError(reason="canceled", message="canceled while running")
+                )
                 continue
             p = it.job.params
             encode_start = time.perf_counter()
@@ -537,16 +625,28 @@ class Runner:
             encode_s = time.perf_counter() - encode_start
             now = time.time()
             started = it.job.started_at or now
-            timings = Timings(queue_wait_s=round(started - it.job.created_at, 4), load_s=round(load_s, 4),
-                              inference_s=round(stats.inference_s, 4), encode_s=round(encode_s, 4),
-                              total_s=round(now - it.job.created_at, 4))
-            result = JobResult(images=images, timings=timings, worker_id=self.worker_id, batch_size=stats.images,
-                               precision=lv.precision)
+            timings = Timings(
+                queue_wait_s=round(started - it.job.created_at, 4),
+                load_s=round(load_s, 4),
+                inference_s=round(stats.inference_s, 4),
+                encode_s=round(encode_s, 4),
+                total_s=round(now - it.job.created_at, 4),
+            )
+            result = JobResult(
+                images=images,
+                timings=timings,
+                worker_id=self.worker_id,
+                batch_size=stats.images,
+                precision=lv.precision,
+            )
             if await self._finish(it, JobState.SUCCEEDED, result=result):
                 m.images.labels(key.model, key.variant).inc(p.n)
                 m.job_duration.labels(key.model, key.variant).observe(timings.total_s)
-                records.append(StatsRecord(inference_s=stats.inference_s, total_s=timings.total_s,
-                                           service_s=stats.inference_s / len(batch)))
+                records.append(
+                    StatsRecord(
+                        inference_s=stats.inference_s, total_s=timings.total_s, service_s=stats.inference_s / len(batch)
+                    )
+                )
         with contextlib.suppress(Exception):
             await self.queue.record_stats(key, records)
 
@@ -554,19 +654,37 @@ class Runner:
         p = job.params
         out = []
         for seed, image in zip(p.seeds, pil_images):
-            meta = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": seed, "model": p.model,
-                    "variant": p.variant, "recipe": lv.spec.recipe, "steps": p.num_inference_steps,
-                    "guidance_scale": p.guidance_scale, "width": p.width, "height": p.height, "job_id": job.id}
-            out.append(ImageOut(b64_json=imaging.encode_b64(image, p.output_format, meta), seed=seed,
-                                format=p.output_format, width=image.width, height=image.height))
+            meta = {
+                "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt,
+                "seed": seed,
+                "model": p.model,
+                "variant": p.variant,
+                "recipe": lv.spec.recipe,
+                "steps": p.num_inference_steps,
+                "guidance_scale": p.guidance_scale,
+                "width": p.width,
+                "height": p.height,
+                "job_id": job.id,
+            }
+            out.append(
+                ImageOut(
+                    b64_json=imaging.encode_b64(image, p.output_format, meta),
+                    seed=seed,
+                    format=p.output_format,
+                    width=image.width,
+                    height=image.height,
+                )
+            )
         return out
 
     async def _fail(self, it: _Item, reason: FailureReason, message: str) -> None:
         logger.warning("job %s failed (%s): %s", it.job.id, reason.value, message)
         await self._finish(it, JobState.FAILED, error=JobError(reason=reason.value, message=message))
 
-    async def _finish(self, it: _Item, state: JobState, *, result: JobResult | None = None,
-                      error: JobError | None = None) -> bool:
+    async def _finish(
+        self, it: _Item, state: JobState, *, result: JobResult | None = None, error: JobError | None = None
+    ) -> bool:
         key = it.delivery.key
         written = await self.queue.finish(it.job.id, state, result=result, error=error, worker_id=self.worker_id)
         if written:
