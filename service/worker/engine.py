@@ -166,8 +166,19 @@ class Engine:
         return self.registry.artifact_dir(key, self.settings.cache_dir)
 
     def is_built(self, key: VariantKey) -> bool:
+        """fp, or a quantized variant whose checkpoint is what this engine would build (a stale one — other
+        engine numerics, recipe or format — is rebuilt rather than served)."""
         spec = self.registry.model(key.model).variant(key.variant)
-        return not spec.quantized or (self.artifact_dir(key) / MANIFEST).is_file()
+        return not spec.quantized or self._artifact_current(key, spec)
+
+    def _artifact_current(self, key: VariantKey, spec: VariantSpec) -> bool:
+        artifact = self.artifact_dir(key)
+        if not (artifact / MANIFEST).is_file():
+            return False
+        status = sq.checkpoint_status(artifact, spec.recipe)
+        if not status:
+            logger.warning("artifact of %s at %s is stale (%s); it will be rebuilt", key, artifact, status.reason)
+        return status.current
 
     def status(self, key: VariantKey) -> VariantStatus:
         with self._status_lock:
@@ -323,11 +334,13 @@ class Engine:
         logger.info("loading %s (recipe %s)", key, spec.recipe)
         parts = self._acquire_parts(model)
         try:
-            denoiser = self._float_denoiser(model, parts)
             if spec.quantized:
                 artifact = self.artifact_dir(key)
                 with _file_lock(_lock_path(artifact)):
-                    sq.load(artifact, denoiser)
+                    # a self-contained checkpoint loads without the float denoiser (format 2)
+                    denoiser = sq.load_denoiser(artifact, device=self.device, dtype=self.dtype)
+            else:
+                denoiser = self._float_denoiser(model, parts)
         except BaseException:
             self._release_parts(model.name)
             raise
@@ -339,7 +352,7 @@ class Engine:
             parts=parts,
             precision=self.precision,
             device=self.device,
-            weight_bytes=tensor_bytes(denoiser),
+            weight_bytes=sq.resident_bytes(denoiser),  # kernels included, each weight once
             load_seconds=time.perf_counter() - start,
         )
         logger.info(
@@ -373,7 +386,7 @@ class Engine:
             tracker.phase("waiting for the build lock")
             with _file_lock(_lock_path(artifact)):
                 calibration: list[str] | None = None
-                if not (artifact / MANIFEST).is_file():
+                if not self._artifact_current(key, spec):
                     calibration = self._calibrate_and_save(key, model, spec, artifact, tracker)
                     built_here = True
                 else:
