@@ -339,6 +339,8 @@ class Engine:
                 with _file_lock(_lock_path(artifact)):
                     # a self-contained checkpoint loads without the float denoiser (format 2)
                     denoiser = sq.load_denoiser(artifact, device=self.device, dtype=self.dtype)
+                with self._parts_lock:  # a float denoiser that came with the parts is not kept for it
+                    self._spare.pop(model.name, None)
             else:
                 denoiser = self._float_denoiser(model, parts)
         except BaseException:
