@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--context-tokens", type=int, default=333)
     bp.add_argument("--rounds", type=int, default=6)
     bp.add_argument("--json", default="bench-block.json")
+    bp.add_argument("--lora-rank", type=int, default=0,
+                    help="also time each recipe with a random LoRA of this rank on every linear (float side branch)")
     bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
     pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
-                               device=device, progress=say)
+                               device=device, progress=say, lora_rank=args.lora_rank)
         title = f"bench block — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["case", "candidate", "median_ms", "vs_bf16", "rel_err"]
     elif args.level == "pipeline":

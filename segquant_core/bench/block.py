@@ -8,10 +8,12 @@ the quantized linears buy inside a real block, attention included.
 from __future__ import annotations
 
 import copy
+import tempfile
 from collections.abc import Callable
 
 import torch
 from diffusers.models.attention import JointTransformerBlock
+from safetensors.torch import save_file
 
 from segquant_core.bench.layer import cuda_peaks
 from segquant_core.bench.timing import alternate
@@ -37,10 +39,30 @@ def _rel_err(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
     return (num / den) ** 0.5
 
 
+def with_random_lora(model: torch.nn.Module, rank: int, seed: int = 0) -> torch.nn.Module:
+    """Attach a random rank-``rank`` adapter to every linear of ``model`` through a real safetensors file."""
+    from segquant_core.lora import load_lora
+    from segquant_core.seglinear import SegLinear
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear | SegLinear):
+            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features**0.5
+            tensors[f"{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.01
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, f"{tmp}/bench_lora.safetensors")
+        load_lora(model, f"{tmp}/bench_lora.safetensors", "bench")
+    return model
+
+
 def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: int = 333, batch: int = 1,
                     dim: int = 1536, heads: int = 24, rounds: int = 6, calib_calls: int = 4, device: str = "cpu",
-                    progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
-    """Rows per candidate; on CUDA timing is synchronised and ``max_memory_allocated`` per call reported."""
+                    progress: Callable[[str], None] | None = None, lora_rank: int = 0) -> list[dict[str, object]]:
+    """Rows per candidate; on CUDA timing is synchronised and ``max_memory_allocated`` per call reported.
+
+    ``lora_rank`` > 0 adds ``<recipe>+lora<r>`` per recipe: a second quantized copy carrying a random rank-r
+    adapter on every linear (the float side branch of :mod:`segquant_core.lora`), timed alongside."""
     block = sd35_block(dim, heads).to(device)
 
     def on(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,6 +87,13 @@ def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: i
         with torch.no_grad():
             errors[name] = _rel_err(qb(**x16), ref)
         fns[name] = (lambda qb=qb: qb(**x16))
+        if lora_rank > 0:
+            lb = copy.deepcopy(block)
+            quantize(lb, name, calib, progress=False)
+            lb = with_random_lora(lb.to(torch.bfloat16), lora_rank)
+            with torch.no_grad():
+                errors[f"{name}+lora{lora_rank}"] = _rel_err(lb(**x16), ref)
+            fns[f"{name}+lora{lora_rank}"] = (lambda lb=lb: lb(**x16))
     if progress:
         progress("timing")
     with torch.no_grad():
