@@ -7,6 +7,7 @@ from pathlib import Path
 
 from segquant_cli.commands.quantize import calibration_size, drop_list
 from segquant_cli.errors import CLIError
+from segquant_cli.lora_choice import parse_lora
 from segquant_cli.models import load_pipeline
 
 
@@ -30,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drop-components", default="",
                    help="comma-separated optional components to load as None, e.g. text_encoder_3")
     p.add_argument("--artifacts", help="cache quantized variants here and reuse them")
+    p.add_argument("--lora", help="NAME[:SCALE]: attach this adapter to every variant after quantizing (file, "
+                   "directory, or a name under the model's loras/); its eval_prompts.txt is the default prompts")
     p.add_argument("--out", required=True, help="report directory (report.json, report.md, grid.png)")
     p.set_defaults(run=run)
 
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--num-prompts must be ≥ 1")
     from segquant_core.prompts import choose_prompts
 
+    lora = parse_lora(args.lora, str(args.model_dir)) if args.lora else None
     drop = drop_list(args.drop_components)
     pipe = load_pipeline(args.model_dir, drop)
     size = calibration_size(args.model_dir, args.height, args.width, pipe)
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"segquant: {line}")
 
-    given = _lines(args.prompts) if args.prompts else None
+    given = _lines(args.prompts) if args.prompts else (lora.eval_prompts if lora else None)
     prompts = choose_prompts(pipe, len(given) if given else args.num_prompts, given=given, purpose="evaluation",
                              log=say)
     n_calib = math.ceil(args.calib_samples / args.steps_per_prompt)
@@ -77,9 +81,12 @@ def run(args: argparse.Namespace) -> int:
                            log=say)
     scorer = getattr(pipe, "adherence_scorer", None)
     report = evaluate(lambda: load_pipeline(args.model_dir, drop), variants, prompts, seeds,
-                      calibration_prompts=calib, model_name=str(args.model_dir), num_inference_steps=args.steps,
+                      calibration_prompts=calib,
+                      model_name=str(args.model_dir) + (f" + LoRA {lora.label()}" if lora else ""),
+                      num_inference_steps=args.steps,
                       guidance_scale=args.guidance, steps_per_prompt=args.steps_per_prompt,
-                      scorer=scorer if callable(scorer) else None, artifacts_dir=args.artifacts, call_kwargs=size)
+                      scorer=scorer if callable(scorer) else None, artifacts_dir=args.artifacts, call_kwargs=size,
+                      after_build=lora.attach if lora else None)
     paths = write_report(report, args.out)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['grid']}")

@@ -100,8 +100,13 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
              seeds: Sequence[int], *, calibration_prompts: Sequence[str], model_name: str = "model",
              num_inference_steps: int = 20, guidance_scale: float = 3.0, steps_per_prompt: int = 4,
              scorer: Scorer | None = None, artifacts_dir: str | Path | None = None,
-             call_kwargs: dict[str, Any] | None = None, progress: bool = True) -> EvalReport:
-    """Run every variant (``fp`` first, added if missing) and score it against ``fp``."""
+             call_kwargs: dict[str, Any] | None = None, progress: bool = True,
+             after_build: Callable[[Any, str], None] | None = None) -> EvalReport:
+    """Run every variant (``fp`` first, added if missing) and score it against ``fp``.
+
+    ``after_build(pipe, variant)`` runs on each variant's pipeline once it is quantized (or loaded), before it
+    generates: e.g. attaching the same LoRA adapter to every variant (calibration never sees the adapter).
+    """
     if not prompts or not seeds:
         raise ValueError("evaluation needs at least one prompt and one seed")
     overlap = set(prompts) & set(calibration_prompts)
@@ -139,6 +144,8 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
                     save(denoiser_of(pipe), cached)
             summary = result.summary()
         quant_s = time.perf_counter() - t0
+        if after_build is not None:
+            after_build(pipe, name)
         gen = generate_grid(pipe, prompts, seeds, num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, call_kwargs=call_kwargs, desc=f"generating [{name}]",
                             progress=progress)
