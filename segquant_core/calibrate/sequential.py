@@ -14,9 +14,12 @@ keeps them within a byte budget and spills the rest to safetensors files.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +28,28 @@ from torch import nn
 from segquant_core.calibrate.blocks import Unit
 from segquant_core.calibrate.capture import move_call
 from segquant_core.calibrate.input_store import InputStore
+
+
+def _libc_malloc_trim() -> Callable[[], object] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return partial(libc.malloc_trim, 0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_host_memory() -> None:
+    """Hand memory freed by the worker threads back to the OS.
+
+    glibc gives each thread its own malloc arena and keeps what a thread frees there; with one worker per
+    calibration call, each arena would keep its call's block activations (measured: +1.3 GB on SD3.5-medium
+    blocks with 16 calls). ``malloc_trim(0)`` returns the free pages of every arena.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM()
 
 
 class _Aborted(BaseException):
@@ -112,6 +137,7 @@ class _Lockstep:
         if s.state == "failed":
             assert s.error is not None
             raise s.error
+        release_freed_host_memory()
         if s.state == "paused":
             assert s.inputs is not None
             self.store.hold(s.index, *s.inputs)
@@ -168,6 +194,7 @@ def run_sequential(
                 store.release(s.index)
                 step.advance(s)
             end(unit)
+            release_freed_host_memory()
             finished.add(name)
             run.order.append(name)
     finally:
@@ -179,4 +206,4 @@ def run_sequential(
     return run
 
 
-__all__ = ["SequentialRun", "run_sequential"]
+__all__ = ["SequentialRun", "release_freed_host_memory", "run_sequential"]
