@@ -121,8 +121,13 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
     layers = {name: m.cfg.to_dict() for name, m in model.named_modules() if isinstance(m, SegLinear)}
     tensors = _all_tensors(model)
     config = _denoiser_config(model)
-    float_dtypes = sorted({str(t.dtype).removeprefix("torch.") for name, t in tensors.items()
-                           if t.is_floating_point() and not name.startswith(tuple(n + "." for n in layers))})
+    float_dtypes = sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for name, t in tensors.items()
+            if t.is_floating_point() and not name.startswith(tuple(n + "." for n in layers))
+        }
+    )
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,16 +136,24 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
         "plan": result.plan.to_list(),
         "layers": layers,
         "excluded": result.excluded,
-        "denoiser": {"class": type(model).__name__, "config": CONFIG_FILE if config else None,
-                     "float_dtypes": float_dtypes},
+        "denoiser": {
+            "class": type(model).__name__,
+            "config": CONFIG_FILE if config else None,
+            "float_dtypes": float_dtypes,
+        },
         "source": {**result.source, **(source or {})},
         "calibration": result.calibration,
         "calibration_fingerprint": calibration_fingerprint(result.calibration),
-        "reports": {n: {"alpha": [s.alpha for s in r.segments],
-                        "alpha_errors": [{str(a): e for a, e in s.errors.items()} for s in r.segments],
-                        "gptq": [s.gptq for s in r.segments],
-                        "lowrank_rank": r.lowrank_rank, "rank_capped": r.rank_capped}
-                    for n, r in result.layers.items()},
+        "reports": {
+            n: {
+                "alpha": [s.alpha for s in r.segments],
+                "alpha_errors": [{str(a): e for a, e in s.errors.items()} for s in r.segments],
+                "gptq": [s.gptq for s in r.segments],
+                "lowrank_rank": r.lowrank_rank,
+                "rank_capped": r.rank_capped,
+            }
+            for n, r in result.layers.items()
+        },
         "summary": result.summary(),
         "versions": _versions(),
     }
@@ -176,8 +189,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a segquant artifact (format {manifest.get('format')!r})")
     if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise ArtifactError(f"{path}: artifact format version {manifest.get('format_version')} "
-                            f"is not supported (this engine reads {', '.join(map(str, READABLE_VERSIONS))})")
+        raise ArtifactError(
+            f"{path}: artifact format version {manifest.get('format_version')} "
+            f"is not supported (this engine reads {', '.join(map(str, READABLE_VERSIONS))})"
+        )
     return manifest
 
 
@@ -201,12 +216,18 @@ def build_layer(name: str, cfg: SegLinearConfig, state: dict[str, torch.Tensor])
 
 def result_from_manifest(manifest: dict[str, Any], layers: dict[str, SegLinear]) -> QuantizationResult:
     """The :class:`QuantizationResult` a checkpoint describes (kept on the model as ``model.segquant``)."""
-    result = QuantizationResult(recipe=Recipe.from_dict(manifest["recipe"]), plan=Plan.from_list(manifest["plan"]),
-                                excluded=list(manifest.get("excluded", [])),
-                                calibration=manifest.get("calibration", {}), source=manifest.get("source", {}))
+    result = QuantizationResult(
+        recipe=Recipe.from_dict(manifest["recipe"]),
+        plan=Plan.from_list(manifest["plan"]),
+        excluded=list(manifest.get("excluded", [])),
+        calibration=manifest.get("calibration", {}),
+        source=manifest.get("source", {}),
+    )
     for name, rep in manifest.get("reports", {}).items():
-        segs = [SegmentReport(alpha=a, errors={float(k): v for k, v in errs.items()}, gptq=g)
-                for a, errs, g in zip(rep["alpha"], rep["alpha_errors"], rep["gptq"])]
+        segs = [
+            SegmentReport(alpha=a, errors={float(k): v for k, v in errs.items()}, gptq=g)
+            for a, errs, g in zip(rep["alpha"], rep["alpha_errors"], rep["gptq"])
+        ]
         result.layers[name] = LayerReport(name, segs, rep.get("lowrank_rank", 0), rep.get("rank_capped", False))
     result.quantized_bytes = sum(layer.weight_nbytes() for layer in layers.values())
     result.float_bytes = int(manifest.get("summary", {}).get("float_bytes", 0))
@@ -218,8 +239,9 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def load(directory: str | Path, model: nn.Module, *, backend: str = "auto",
-         check_source: bool = True) -> QuantizationResult:
+def load(
+    directory: str | Path, model: nn.Module, *, backend: str = "auto", check_source: bool = True
+) -> QuantizationResult:
     """Replace ``model``'s linears by the artifact's quantized layers (no recalibration, no pickle).
 
     Works for both formats; the float weights stay those of ``model``. To load without a float model,
@@ -238,23 +260,28 @@ def load(directory: str | Path, model: nn.Module, *, backend: str = "auto",
         if (mod.in_features, mod.out_features) != (cfg.in_features, cfg.out_features):
             raise ArtifactError(
                 f"artifact layer {name!r} is {cfg.in_features}→{cfg.out_features} but the model's is "
-                f"{mod.in_features}→{mod.out_features}")
+                f"{mod.in_features}→{mod.out_features}"
+            )
     new_layers: dict[str, SegLinear] = {}
     with safe_open(str(tensors_file(directory, manifest)), framework="pt") as f:
         keys = list(f.keys())
         for name, cfg in configs.items():
             prefix = name + "."
-            state = {k[len(prefix):]: f.get_tensor(k) for k in keys
-                     if k.startswith(prefix) and k[len(prefix):].startswith(("segs.", "bias"))}
+            state = {
+                k[len(prefix) :]: f.get_tensor(k)
+                for k in keys
+                if k.startswith(prefix) and k[len(prefix) :].startswith(("segs.", "bias"))
+            }
             device = modules[name].weight.device
             new_layers[name] = build_layer(name, cfg, state).to(device)
     for name, layer in new_layers.items():
         set_submodule(model, name, layer)
     result = result_from_manifest(manifest, new_layers)
     result.backends = assign_backends(model, backend)
-    if check_source and result.source.get("kept_sha256") \
-            and kept_weights_sha256(model) != result.source["kept_sha256"]:
-        logger.warning("the float weights of %s differ from the model this artifact was calibrated on; "
-                       "results may not match", type(model).__name__)
+    if check_source and result.source.get("kept_sha256") and kept_weights_sha256(model) != result.source["kept_sha256"]:
+        logger.warning(
+            "the float weights of %s differ from the model this artifact was calibrated on; results may not match",
+            type(model).__name__,
+        )
     model.segquant = result  # type: ignore[assignment]
     return result

@@ -192,8 +192,10 @@ class SegLinear(nn.Module):
             raise ValueError(f"missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}")
         for key, t in state.items():
             if t.shape != own[key].shape or t.dtype != own[key].dtype:
-                raise ValueError(f"{key}: stored {t.dtype} {tuple(t.shape)}, the config needs "
-                                 f"{own[key].dtype} {tuple(own[key].shape)}")
+                raise ValueError(
+                    f"{key}: stored {t.dtype} {tuple(t.shape)}, the config needs "
+                    f"{own[key].dtype} {tuple(own[key].shape)}"
+                )
             owner_name, _, attr = key.rpartition(".")
             owner = self.get_submodule(owner_name) if owner_name else self
             owner._buffers[attr] = t
@@ -203,8 +205,7 @@ class SegLinear(nn.Module):
     def unquantized(cls, linear: nn.Linear, segments: Segments | None = None) -> SegLinear:
         """A float SegLinear with ``linear``'s weights, cut into ``segments`` (no quantization)."""
         segments = segments or Segments("out", (linear.out_features,))
-        cfg = SegLinearConfig(linear.in_features, linear.out_features, segments, None, None,
-                              linear.bias is not None)
+        cfg = SegLinearConfig(linear.in_features, linear.out_features, segments, None, None, linear.bias is not None)
         layer = cls(cfg)
         w = linear.weight.detach()
         for seg, (a, b) in zip(layer.segs, segments.bounds()):
@@ -316,8 +317,13 @@ class SegLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SegLinear expects {self.in_features} input features, got {x.shape[-1]}")
-        if self.cfg.weight is None and self.cfg.activation is None and len(self.segs) == 1 \
-                and not self.cfg.smooth and not self.cfg.lowrank_rank:
+        if (
+            self.cfg.weight is None
+            and self.cfg.activation is None
+            and len(self.segs) == 1
+            and not self.cfg.smooth
+            and not self.cfg.lowrank_rank
+        ):
             return F.linear(x, self.segs[0].weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         backend = self.backend
         x2d = x.reshape(-1, self.in_features)
@@ -355,9 +361,14 @@ class SegLinear(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         w = c.weight.fmt.value if c.weight else "float"
-        a = (c.activation.fmt.value + ("-dual" if c.activation.dual else "")
-             + ("-dyn" if c.activation.dynamic else "")) if c.activation else "float"
+        a = (
+            (c.activation.fmt.value + ("-dual" if c.activation.dual else "") + ("-dyn" if c.activation.dynamic else ""))
+            if c.activation
+            else "float"
+        )
         segs = f"{c.segments.axis}{list(c.segments.sizes)}" if len(c.segments.sizes) > 1 else "1"
         backend = self._backend.name if self._backend else "unset"
-        return (f"in={c.in_features}, out={c.out_features}, w={w}, a={a}, segments={segs}, "
-                f"smooth={c.smooth}, rank={c.lowrank_rank}, backend={backend}")
+        return (
+            f"in={c.in_features}, out={c.out_features}, w={w}, a={a}, segments={segs}, "
+            f"smooth={c.smooth}, rank={c.lowrank_rank}, backend={backend}"
+        )

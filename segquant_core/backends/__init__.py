@@ -76,8 +76,11 @@ def assign_backends(model: nn.Module, prefer: str = "auto") -> dict[str, int]:
             module.set_backend(backend)
             tally[backend.name] += 1
     if tally:
-        logger.info("segquant backends for %s: %s", type(model).__name__,
-                    ", ".join(f"{n} × {name}" for name, n in tally.most_common()))
+        logger.info(
+            "segquant backends for %s: %s",
+            type(model).__name__,
+            ", ".join(f"{n} × {name}" for name, n in tally.most_common()),
+        )
     return dict(tally)
 
 

@@ -78,8 +78,9 @@ def onednn_codes(packed: CpuPacked) -> torch.Tensor:
         r1 = min(k, r0 + UNPACK_ROWS)
         eye = torch.full((r1 - r0, k), 128, dtype=torch.uint8)
         eye[torch.arange(r1 - r0), torch.arange(r0, r1)] = 129
-        y = torch.ops.onednn.qlinear_pointwise(eye, 1.0, 128, packed.onednn, ones, packed.zero_points, None,
-                                               1.0, 0, torch.float32, "none", [], "")
+        y = torch.ops.onednn.qlinear_pointwise(
+            eye, 1.0, 128, packed.onednn, ones, packed.zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+        )
         out[:, r0:r1] = y.t().round().to(torch.int8)
     return out
 
@@ -104,8 +105,11 @@ _FBGEMM_OP = "linear_with_input_q_dq_qweight_dq_output_fp32"
 
 def fbgemm_available() -> bool:
     # torch has deprecated quantized tensors (which packing needs); without them the rule falls back to oneDNN.
-    return ("fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, _FBGEMM_OP)
-            and hasattr(torch, "_make_per_channel_quantized_tensor"))
+    return (
+        "fbgemm" in torch.backends.quantized.supported_engines
+        and hasattr(torch.ops.quantized, _FBGEMM_OP)
+        and hasattr(torch, "_make_per_channel_quantized_tensor")
+    )
 
 
 def _fbgemm_pack(packed: CpuPacked, group: GemmGroup, bias: torch.Tensor | None = None) -> Any:
@@ -114,8 +118,9 @@ def _fbgemm_pack(packed: CpuPacked, group: GemmGroup, bias: torch.Tensor | None 
     codes = _codes(packed, group)
     with warnings.catch_warnings():  # quantized tensors are deprecated in torch but still the way to pack
         warnings.simplefilter("ignore")
-        qw = torch._make_per_channel_quantized_tensor(codes.contiguous(), group.w_scale.double(),
-                                                      torch.zeros(n, dtype=torch.long), 0)
+        qw = torch._make_per_channel_quantized_tensor(
+            codes.contiguous(), group.w_scale.double(), torch.zeros(n, dtype=torch.long), 0
+        )
         return torch.ops.quantized.linear_prepack(qw, bias)
 
 
@@ -136,8 +141,11 @@ class OneDNNInt8Backend(GroupedGemmBackend):
 
     @classmethod
     def available(cls) -> bool:
-        return (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
-                and hasattr(torch.ops.onednn, "qlinear_prepack"))
+        return (
+            torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops, "onednn")
+            and hasattr(torch.ops.onednn, "qlinear_prepack")
+        )
 
     def unsupported_reason(self, layer: SegLinear) -> str | None:
         cfg = layer.cfg
@@ -203,8 +211,14 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         base = super().prepare(layer)
         act = layer.cfg.activation
         channels = None
-        if (layer.cfg.segments.axis == "in" and len(base.groups) > 1 and act is not None and not act.dynamic
-                and not act.dual and all(pg.group.act_scale is not None for pg in base.groups)):
+        if (
+            layer.cfg.segments.axis == "in"
+            and len(base.groups) > 1
+            and act is not None
+            and not act.dynamic
+            and not act.dual
+            and all(pg.group.act_scale is not None for pg in base.groups)
+        ):
             scales, smooth = [], []
             for pg in base.groups:
                 g = pg.group
@@ -252,8 +266,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         return _fbgemm(xs, p.fbgemm_static, p.act_scales[0])
 
     @staticmethod
-    def _fbgemm_dual_static(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
-                            bias: torch.Tensor | None) -> torch.Tensor:
+    def _fbgemm_dual_static(
+        pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """Small M, static DualScale: both halves' codes in one fbgemm call (the weight is streamed once),
         then ``y⁺·s⁺ + y⁻·s⁻ (+ bias)`` over M rows only."""
         p, g = pg.packed, pg.group
@@ -267,8 +282,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         return out.add_(bias) if bias is not None else out
 
     @staticmethod
-    def _one_group(pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None,
-                   out_dtype: torch.dtype) -> torch.Tensor:
+    def _one_group(
+        pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         """The whole layer in one fused call, or two for static DualScale; output straight in ``out_dtype``.
 
         DualScale: the positive half's call applies its scale and the bias, the negative half's call its
@@ -280,18 +296,38 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         scales = p.act_scales
         rows, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=True)
         if not act.dual:
-            return torch.ops.onednn.qlinear_pointwise(rows, scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias,
-                                                      1.0, 0, out_dtype, "none", [], "")
+            return torch.ops.onednn.qlinear_pointwise(
+                rows, scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias, 1.0, 0, out_dtype, "none", [], ""
+            )
         m = x.shape[0]
-        y = torch.ops.onednn.qlinear_pointwise(rows[:m], scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias,
-                                               1.0, 0, torch.float32, "none", [], "")
+        y = torch.ops.onednn.qlinear_pointwise(
+            rows[:m], scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias, 1.0, 0, torch.float32, "none", [], ""
+        )
         return torch.ops.onednn.qlinear_pointwise.binary(
-            rows[m:], scales[1], 128, p.onednn, g.w_scale, p.zero_points, y, None, 1.0, 0, out_dtype,
-            1.0, 0, "sum" if out_dtype == torch.float32 else "add", 1.0, "none", [], "")
+            rows[m:],
+            scales[1],
+            128,
+            p.onednn,
+            g.w_scale,
+            p.zero_points,
+            y,
+            None,
+            1.0,
+            0,
+            out_dtype,
+            1.0,
+            0,
+            "sum" if out_dtype == torch.float32 else "add",
+            1.0,
+            "none",
+            [],
+            "",
+        )
 
     @staticmethod
-    def _in_segments(state: PreparedLayer, channels: tuple[torch.Tensor, torch.Tensor],
-                     x: torch.Tensor) -> torch.Tensor:
+    def _in_segments(
+        state: PreparedLayer, channels: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
         """In-segments (per-head scales): one encode pass for all segments, then one call per segment that
         accumulates into the output in place (``sum`` post-op) instead of writing and adding a product each.
 
@@ -302,43 +338,85 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         codes = encode_channels(x, channels[0], channels[1], unsigned=True)
         blocks = []
         for r0 in range(0, x.shape[0], IN_SEGMENT_ROWS):
-            rows = codes[r0:r0 + IN_SEGMENT_ROWS]
+            rows = codes[r0 : r0 + IN_SEGMENT_ROWS]
             y: torch.Tensor | None = None
             for pg in state.groups:
                 p, g = pg.packed, pg.group
                 assert g.in_slice is not None
-                xk = rows[:, g.in_slice[0]:g.in_slice[1]]
+                xk = rows[:, g.in_slice[0] : g.in_slice[1]]
                 scale = p.act_scales[0]
                 if y is None:
-                    y = torch.ops.onednn.qlinear_pointwise(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
-                                                           state.bias, 1.0, 0, torch.float32, "none", [], "")
+                    y = torch.ops.onednn.qlinear_pointwise(
+                        xk,
+                        scale,
+                        128,
+                        p.onednn,
+                        g.w_scale,
+                        p.zero_points,
+                        state.bias,
+                        1.0,
+                        0,
+                        torch.float32,
+                        "none",
+                        [],
+                        "",
+                    )
                 else:
-                    torch.ops.onednn.qlinear_pointwise.binary(xk, scale, 128, p.onednn, g.w_scale, p.zero_points,
-                                                              y, None, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
-                                                              "none", [], "")
+                    torch.ops.onednn.qlinear_pointwise.binary(
+                        xk,
+                        scale,
+                        128,
+                        p.onednn,
+                        g.w_scale,
+                        p.zero_points,
+                        y,
+                        None,
+                        1.0,
+                        0,
+                        torch.float32,
+                        1.0,
+                        0,
+                        "sum",
+                        1.0,
+                        "none",
+                        [],
+                        "",
+                    )
             assert y is not None
             blocks.append(y)
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
-    def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
-               packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup, packed: Any = None
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         kind = self._choose(packed, x, act, group) if packed is not None else "onednn"
         return self._encode_for(kind, x, act, group)
 
     @staticmethod
-    def _encode_for(kind: str, x: torch.Tensor, act: ActivationSpec,
-                    group: GemmGroup) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def _encode_for(
+        kind: str, x: torch.Tensor, act: ActivationSpec, group: GemmGroup
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Codes in the form each kernel takes: uint8 (+128) for oneDNN, int8 for _int_mm, fp32 for fbgemm."""
-        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn",
-                           as_float=kind == "fbgemm")
+        return encode_rows(x, act, group.act_scale, group.smooth, unsigned=kind == "onednn", as_float=kind == "fbgemm")
 
-    def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
-             bias: torch.Tensor | None) -> torch.Tensor:
+    def gemm(
+        self,
+        packed: Any,
+        group: GemmGroup,
+        codes: torch.Tensor,
+        row_scale: torch.Tensor | float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         return self._gemm(packed, group, codes, row_scale, bias)
 
     @staticmethod
-    def _gemm(packed: CpuPacked, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def _gemm(
+        packed: CpuPacked,
+        group: GemmGroup,
+        codes: torch.Tensor,
+        row_scale: torch.Tensor | float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         scalar = isinstance(row_scale, float)
         if codes.dtype == torch.float32:  # fbgemm: exact integer codes as floats, requantized with scale 1
             if packed.fbgemm is None:
@@ -347,8 +425,20 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             return y.add_(bias) if bias is not None else y
         if codes.dtype == torch.uint8:  # oneDNN: codes were shifted by +128 in encode()
             y = torch.ops.onednn.qlinear_pointwise(
-                codes, row_scale if scalar else 1.0, 128, packed.onednn, group.w_scale, packed.zero_points, bias,
-                1.0, 0, torch.float32, "none", [], "")
+                codes,
+                row_scale if scalar else 1.0,
+                128,
+                packed.onednn,
+                group.w_scale,
+                packed.zero_points,
+                bias,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )
             return y if scalar else y.mul_(row_scale)
         if packed.w_t is None:
             packed.w_t = _codes(packed, group).t()

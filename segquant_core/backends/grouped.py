@@ -46,8 +46,14 @@ class GroupedGemmBackend(Backend):
         """Prepack a group's weight codes for :meth:`gemm` (done once per layer)."""
 
     @abstractmethod
-    def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
-             bias: torch.Tensor | None) -> torch.Tensor:
+    def gemm(
+        self,
+        packed: Any,
+        group: GemmGroup,
+        codes: torch.Tensor,
+        row_scale: torch.Tensor | float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         """``(codes · W_codesᵀ) ⊙ w_scale ⊙ row_scale (+ bias)`` → fp32 ``[R, N_g]``.
 
         ``codes`` are ``[R, K_g]`` activation codes as produced by :meth:`encode`; ``row_scale`` is a float
@@ -99,7 +105,7 @@ class GroupedGemmBackend(Backend):
             start = pg.group.out_slice[0]
             for a, b in bounds:
                 if pg.group.out_slice[0] <= a and b <= pg.group.out_slice[1]:
-                    blocks.append(codes[a - start:b - start].contiguous())
+                    blocks.append(codes[a - start : b - start].contiguous())
         if len(blocks) != len(bounds):
             raise RuntimeError(f"recovered {len(blocks)} code blocks for {len(bounds)} segments")
         if cfg.weight is not None and cfg.weight.fmt is QuantFormat.INT4:
@@ -121,8 +127,9 @@ class GroupedGemmBackend(Backend):
             total += self.packed_bytes(pg.packed, seen)
         return total
 
-    def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
-               packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup, packed: Any = None
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         """Activation codes for :meth:`gemm` as ``[P·M, K]`` rows, and the row scale (float or ``[P·M, 1]``).
 
         This generic version works for every format; int8 backends override it with a fused one-pass encoder.
@@ -137,8 +144,9 @@ class GroupedGemmBackend(Backend):
             return rows, float(scales.reshape(-1)[0])
         return rows, scales.expand(parts, m, 1).reshape(parts * m, 1)
 
-    def group_output(self, pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+    def group_output(
+        self, pg: PreparedGroup, x: torch.Tensor, act: ActivationSpec, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """One group's quantized GEMM ``[M, N_g]`` in fp32: encode, GEMM, add the DualScale halves.
 
         ``bias`` is given when this group is the whole layer (it is then added here, fused into the GEMM where
@@ -162,13 +170,13 @@ class GroupedGemmBackend(Backend):
             out = torch.empty(m, layer.out_features, dtype=torch.float32, device=x.device)
         for pg in state.groups:
             g = pg.group
-            xk = x if g.in_slice is None else x[:, g.in_slice[0]:g.in_slice[1]]
+            xk = x if g.in_slice is None else x[:, g.in_slice[0] : g.in_slice[1]]
             y = self.group_output(pg, xk, act, state.bias if state.fuse_bias else None)
             if g.lowrank is not None:
                 xs = xk.float() if g.smooth is None else xk.float() / g.smooth
                 y = y + (xs @ g.lowrank[0].float()) @ g.lowrank[1].float()
             if g.out_slice is not None and out is not None:
-                out[:, g.out_slice[0]:g.out_slice[1]] = y
+                out[:, g.out_slice[0] : g.out_slice[1]] = y
             elif out is None:
                 out = y
             else:

@@ -32,8 +32,11 @@ class GemmGroup:
 
 def _column_scales(seg: QuantSegment, n: int) -> torch.Tensor:
     assert seg.weight_scale is not None
-    return seg.weight_scale.float().expand(n).contiguous() if seg.weight_scale.numel() == 1 \
+    return (
+        seg.weight_scale.float().expand(n).contiguous()
+        if seg.weight_scale.numel() == 1
         else seg.weight_scale.float().contiguous()
+    )
 
 
 def _same_input(a: QuantSegment, b: QuantSegment) -> bool:
@@ -54,8 +57,17 @@ def plan_gemms(layer: SegLinear) -> list[GemmGroup]:
     if cfg.segments.axis == "in":
         for seg, (a, b) in zip(layer.segs, bounds):
             lr = (seg.lowrank_down, seg.lowrank_up) if seg.lowrank_down is not None else None
-            groups.append(GemmGroup((a, b), None, seg.smooth, seg.act_scale, seg.quantized_weight().codes(),
-                                    _column_scales(seg, cfg.out_features), lr))
+            groups.append(
+                GemmGroup(
+                    (a, b),
+                    None,
+                    seg.smooth,
+                    seg.act_scale,
+                    seg.quantized_weight().codes(),
+                    _column_scales(seg, cfg.out_features),
+                    lr,
+                )
+            )
         return groups
     # out-segments: merge runs of segments that share their quantized input
     run: list[int] = []

@@ -39,8 +39,9 @@ class IntMMBackend(GroupedGemmBackend):
                 return "cuBLAS int8 GEMM needs every segment's K and N to be multiples of 8"
         return None
 
-    def encode(self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup,
-               packed: Any = None) -> tuple[torch.Tensor, float | torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, act: ActivationSpec, group: GemmGroup, packed: Any = None
+    ) -> tuple[torch.Tensor, float | torch.Tensor]:
         return encode_rows(x, act, group.act_scale, group.smooth, unsigned=False)
 
     def pack(self, group: GemmGroup) -> Any:
@@ -56,8 +57,14 @@ class IntMMBackend(GroupedGemmBackend):
 
         return tensor_bytes_once(packed, seen)
 
-    def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
-             bias: torch.Tensor | None) -> torch.Tensor:
+    def gemm(
+        self,
+        packed: Any,
+        group: GemmGroup,
+        codes: torch.Tensor,
+        row_scale: torch.Tensor | float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         rows = codes.shape[0]
         a = codes.contiguous()
         if a.is_cuda and rows < _CUDA_MIN_ROWS:

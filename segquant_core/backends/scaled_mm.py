@@ -43,14 +43,19 @@ class ScaledMMFp8Backend(GroupedGemmBackend):
     def pack(self, group: GemmGroup) -> Any:
         return group.codes.contiguous().t(), group.w_scale.reshape(1, -1).contiguous()
 
-    def gemm(self, packed: Any, group: GemmGroup, codes: torch.Tensor, row_scale: torch.Tensor | float,
-             bias: torch.Tensor | None) -> torch.Tensor:
+    def gemm(
+        self,
+        packed: Any,
+        group: GemmGroup,
+        codes: torch.Tensor,
+        row_scale: torch.Tensor | float,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         w_t, w_scale = packed
         rows = codes.shape[0]
         if isinstance(row_scale, float):
             a_scale = torch.full((rows, 1), row_scale, dtype=torch.float32, device=codes.device)
         else:
             a_scale = row_scale.float().expand(rows, 1).contiguous()
-        y = torch._scaled_mm(codes.contiguous(), w_t, scale_a=a_scale, scale_b=w_scale,
-                             out_dtype=torch.float32)
+        y = torch._scaled_mm(codes.contiguous(), w_t, scale_a=a_scale, scale_b=w_scale, out_dtype=torch.float32)
         return y.add_(bias) if bias is not None else y

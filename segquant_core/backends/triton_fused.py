@@ -55,12 +55,32 @@ if triton is not None:
 
     @triton.jit
     def _seg_w8a8_kernel(
-        x_ptr, w_ptr, y_ptr, bias_ptr,
-        mul_p_ptr, mul_n_ptr, tile_group_ptr, tile_sp_ptr, tile_sn_ptr, wscale_ptr,
-        M, N, K,
-        stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_sg,
-        DUAL: tl.constexpr, SINGLE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        y_ptr,
+        bias_ptr,
+        mul_p_ptr,
+        mul_n_ptr,
+        tile_group_ptr,
+        tile_sp_ptr,
+        tile_sn_ptr,
+        wscale_ptr,
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_xk,
+        stride_wn,
+        stride_wk,
+        stride_ym,
+        stride_yn,
+        stride_sg,
+        DUAL: tl.constexpr,
+        SINGLE_GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -75,10 +95,12 @@ if triton is not None:
         for kt in range(0, tl.cdiv(K, BLOCK_K)):
             k = kt * BLOCK_K + rk
             k_ok = k < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn,
-                        mask=k_ok[:, None] & n_ok[None, :], other=0)
+            x = tl.load(
+                x_ptr + rm[:, None] * stride_xm + k[None, :] * stride_xk, mask=m_ok[:, None] & k_ok[None, :], other=0.0
+            ).to(tl.float32)
+            w = tl.load(
+                w_ptr + k[:, None] * stride_wk + rn[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0
+            )
             mul_p = tl.load(mul_p_ptr + k, mask=k_ok, other=0.0)
             if DUAL:
                 mul_n = tl.load(mul_n_ptr + k, mask=k_ok, other=0.0)
@@ -111,8 +133,7 @@ if triton is not None:
                 acc += acc_ni.to(tl.float32) * (sn * ws)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 @dataclass
@@ -204,12 +225,22 @@ class TritonFusedBackend(Backend):
                 assert g.in_slice is not None
                 lowranks += lowrank_of(g, g.in_slice)
             w = torch.cat([g.codes for g in groups], dim=1).contiguous()
-            launches.append(_Launch(
-                (0, cfg.in_features), (0, cfg.out_features), w, torch.cat(mul_p).contiguous(),
-                torch.cat(mul_n).contiguous(), torch.tensor(tg, dtype=torch.int32, device=device),
-                torch.tensor(tsp, dtype=torch.float32, device=device),
-                torch.tensor(tsn, dtype=torch.float32, device=device),
-                torch.stack(wscales).contiguous(), len(groups) == 1, bk, lowranks))
+            launches.append(
+                _Launch(
+                    (0, cfg.in_features),
+                    (0, cfg.out_features),
+                    w,
+                    torch.cat(mul_p).contiguous(),
+                    torch.cat(mul_n).contiguous(),
+                    torch.tensor(tg, dtype=torch.int32, device=device),
+                    torch.tensor(tsp, dtype=torch.float32, device=device),
+                    torch.tensor(tsn, dtype=torch.float32, device=device),
+                    torch.stack(wscales).contiguous(),
+                    len(groups) == 1,
+                    bk,
+                    lowranks,
+                )
+            )
             return launches
         bk = _block_k([cfg.in_features])
         assert bk is not None
@@ -219,11 +250,22 @@ class TritonFusedBackend(Backend):
             smooth = g.smooth.float() if g.smooth is not None else torch.ones(k, device=device)
             out_cols = g.out_slice or (0, cfg.out_features)
             tiles = k // bk
-            launches.append(_Launch(
-                (0, k), out_cols, g.codes.contiguous(), (1.0 / (smooth * sp)).contiguous(),
-                (1.0 / (smooth * sn)).contiguous(), torch.zeros(tiles, dtype=torch.int32, device=device),
-                torch.full((tiles,), sp, device=device), torch.full((tiles,), sn, device=device),
-                g.w_scale.float().reshape(1, -1).contiguous(), True, bk, lowrank_of(g, (0, k))))
+            launches.append(
+                _Launch(
+                    (0, k),
+                    out_cols,
+                    g.codes.contiguous(),
+                    (1.0 / (smooth * sp)).contiguous(),
+                    (1.0 / (smooth * sn)).contiguous(),
+                    torch.zeros(tiles, dtype=torch.int32, device=device),
+                    torch.full((tiles,), sp, device=device),
+                    torch.full((tiles,), sn, device=device),
+                    g.w_scale.float().reshape(1, -1).contiguous(),
+                    True,
+                    bk,
+                    lowrank_of(g, (0, k)),
+                )
+            )
         return launches
 
     def run(self, layer: SegLinear, state: list[_Launch], x: torch.Tensor) -> torch.Tensor:
@@ -243,13 +285,32 @@ class TritonFusedBackend(Backend):
             grid = (triton.cdiv(m, self.block_m), triton.cdiv(n, self.block_n))
             with_bias = bias is not None and (len(state) > 1 or first_out)
             _seg_w8a8_kernel[grid](
-                x, launch.w, target, bias[a:b] if with_bias else y,
-                launch.mul_p, launch.mul_n, launch.tile_group, launch.tile_sp, launch.tile_sn, launch.wscale,
-                m, n, launch.w.shape[1],
-                x.stride(0), x.stride(1), launch.w.stride(0), launch.w.stride(1), target.stride(0), target.stride(1),
+                x,
+                launch.w,
+                target,
+                bias[a:b] if with_bias else y,
+                launch.mul_p,
+                launch.mul_n,
+                launch.tile_group,
+                launch.tile_sp,
+                launch.tile_sn,
+                launch.wscale,
+                m,
+                n,
+                launch.w.shape[1],
+                x.stride(0),
+                x.stride(1),
+                launch.w.stride(0),
+                launch.w.stride(1),
+                target.stride(0),
+                target.stride(1),
                 launch.wscale.stride(0),
-                DUAL=act.dual, SINGLE_GROUP=launch.single_group, HAS_BIAS=with_bias,
-                BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=launch.block_k,
+                DUAL=act.dual,
+                SINGLE_GROUP=launch.single_group,
+                HAS_BIAS=with_bias,
+                BLOCK_M=self.block_m,
+                BLOCK_N=self.block_n,
+                BLOCK_K=launch.block_k,
             )
             first_out = False
             for (ka, kb), smooth, down, up in launch.lowrank:

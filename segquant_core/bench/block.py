@@ -22,15 +22,18 @@ from segquant_core.quantize import quantize
 
 def sd35_block(dim: int = 1536, heads: int = 24, seed: int = 0) -> JointTransformerBlock:
     torch.manual_seed(seed)
-    return JointTransformerBlock(dim=dim, num_attention_heads=heads, attention_head_dim=dim // heads,
-                                 context_pre_only=False, qk_norm="rms_norm").eval()
+    return JointTransformerBlock(
+        dim=dim, num_attention_heads=heads, attention_head_dim=dim // heads, context_pre_only=False, qk_norm="rms_norm"
+    ).eval()
 
 
 def block_inputs(dim: int, tokens: int, context_tokens: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"hidden_states": torch.randn(batch, tokens, dim, generator=g),
-            "encoder_hidden_states": torch.randn(batch, context_tokens, dim, generator=g),
-            "temb": torch.randn(batch, dim, generator=g)}
+    return {
+        "hidden_states": torch.randn(batch, tokens, dim, generator=g),
+        "encoder_hidden_states": torch.randn(batch, context_tokens, dim, generator=g),
+        "temb": torch.randn(batch, dim, generator=g),
+    }
 
 
 def _rel_err(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
@@ -56,9 +59,20 @@ def with_random_lora(model: torch.nn.Module, rank: int, seed: int = 0) -> torch.
     return model
 
 
-def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: int = 333, batch: int = 1,
-                    dim: int = 1536, heads: int = 24, rounds: int = 6, calib_calls: int = 4, device: str = "cpu",
-                    progress: Callable[[str], None] | None = None, lora_rank: int = 0) -> list[dict[str, object]]:
+def run_block_bench(
+    recipes: list[str],
+    *,
+    tokens: int = 1024,
+    context_tokens: int = 333,
+    batch: int = 1,
+    dim: int = 1536,
+    heads: int = 24,
+    rounds: int = 6,
+    calib_calls: int = 4,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+    lora_rank: int = 0,
+) -> list[dict[str, object]]:
     """Rows per candidate; on CUDA timing is synchronised and ``max_memory_allocated`` per call reported.
 
     ``lora_rank`` > 0 adds ``<recipe>+lora<r>`` per recipe: a second quantized copy carrying a random rank-r
@@ -86,21 +100,29 @@ def run_block_bench(recipes: list[str], *, tokens: int = 1024, context_tokens: i
         qb = qb.to(torch.bfloat16)
         with torch.no_grad():
             errors[name] = _rel_err(qb(**x16), ref)
-        fns[name] = (lambda qb=qb: qb(**x16))
+        fns[name] = lambda qb=qb: qb(**x16)
         if lora_rank > 0:
             lb = copy.deepcopy(block)
             quantize(lb, name, calib, progress=False)
             lb = with_random_lora(lb.to(torch.bfloat16), lora_rank)
             with torch.no_grad():
                 errors[f"{name}+lora{lora_rank}"] = _rel_err(lb(**x16), ref)
-            fns[f"{name}+lora{lora_rank}"] = (lambda lb=lb: lb(**x16))
+            fns[f"{name}+lora{lora_rank}"] = lambda lb=lb: lb(**x16)
     if progress:
         progress("timing")
     with torch.no_grad():
         timings = alternate(fns, rounds=rounds, warmup=1, max_seconds=300, device=device)
         peaks = cuda_peaks(fns) if device.startswith("cuda") else {}
     bf16 = timings["bf16"].median_s
-    return [{"case": f"SD3.5-medium block, {tokens}+{context_tokens} tokens, batch {batch}", "candidate": n,
-             "median_ms": round(t.median_ms, 2), "vs_bf16": round(bf16 / t.median_s, 3),
-             "rel_err": errors[n], "rounds": len(t.samples),
-             **({"cuda_max_allocated_bytes": peaks[n]} if n in peaks else {})} for n, t in timings.items()]
+    return [
+        {
+            "case": f"SD3.5-medium block, {tokens}+{context_tokens} tokens, batch {batch}",
+            "candidate": n,
+            "median_ms": round(t.median_ms, 2),
+            "vs_bf16": round(bf16 / t.median_s, 3),
+            "rel_err": errors[n],
+            "rounds": len(t.samples),
+            **({"cuda_max_allocated_bytes": peaks[n]} if n in peaks else {}),
+        }
+        for n, t in timings.items()
+    ]

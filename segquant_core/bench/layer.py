@@ -55,8 +55,7 @@ def cpu_target_shapes() -> list[LayerShape]:
     """The shapes the CPU targets of the performance issue are stated at."""
     base = default_shapes("sd35", (1024,))
     dim = 1536
-    return [*base[:3], LayerShape(f"qkv/to_out 4096×{dim}×{dim}", 4096, dim, dim, Segments("in", (64,) * 24)),
-            base[3]]
+    return [*base[:3], LayerShape(f"qkv/to_out 4096×{dim}×{dim}", 4096, dim, dim, Segments("in", (64,) * 24)), base[3]]
 
 
 class _One(nn.Module):
@@ -76,8 +75,14 @@ def _inputs(shape: LayerShape, seed: int) -> torch.Tensor:
     return x
 
 
-def build_segquant(linear: nn.Linear, r: Recipe, segments: Segments | None, dual: bool,
-                   calib: list[torch.Tensor], backend: str = "auto") -> nn.Module:
+def build_segquant(
+    linear: nn.Linear,
+    r: Recipe,
+    segments: Segments | None,
+    dual: bool,
+    calib: list[torch.Tensor],
+    backend: str = "auto",
+) -> nn.Module:
     """A SegLinear for ``linear`` built by the engine's own flow (plan given explicitly)."""
     model = _One(copy.deepcopy(linear))
     plan = Plan([LayerPlan("layer", segments, dual)])
@@ -97,23 +102,41 @@ def segquant_variants(shape: LayerShape, include_fp8: bool = False) -> list[tupl
         ("segquant w8a8 dual", recipe("w8a8", dual=True), None, True),
     ]
     if shape.segments is not None:
-        variants.append((f"segquant w8a8 seg({shape.segments.axis}×{shape.segments.count})",
-                         recipe("w8a8", seg=True), shape.segments, False))
+        variants.append(
+            (
+                f"segquant w8a8 seg({shape.segments.axis}×{shape.segments.count})",
+                recipe("w8a8", seg=True),
+                shape.segments,
+                False,
+            )
+        )
         if shape.gelu_input:
             variants.append(("segquant w8a8 seg+dual", recipe("w8a8", seg=True, dual=True), shape.segments, True))
     full = [f"seg({shape.segments.axis}×{shape.segments.count})"] if shape.segments is not None else []
     full += ["dual"] if shape.gelu_input else []
-    variants.append((f"segquant w8a8-segquant [smooth{''.join(', ' + f for f in full)}]", recipe("w8a8-segquant"),
-                     shape.segments, shape.gelu_input))
+    variants.append(
+        (
+            f"segquant w8a8-segquant [smooth{''.join(', ' + f for f in full)}]",
+            recipe("w8a8-segquant"),
+            shape.segments,
+            shape.gelu_input,
+        )
+    )
     variants.append(("segquant w4a8 (int4 w, dyn a)", recipe("w4a8-segquant", smooth=False, gptq=False), None, False))
     if include_fp8:
         variants.append(("segquant fp8", recipe("fp8-segquant"), None, False))
     return variants
 
 
-def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_fp8: bool = False,
-                   include_reference: bool = False, seed: int = 0,
-                   device: str = "cpu") -> tuple[dict[str, Callable[[], object]], dict[str, float], dict[str, int]]:
+def candidates_for(
+    shape: LayerShape,
+    *,
+    include_compile: bool = True,
+    include_fp8: bool = False,
+    include_reference: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+) -> tuple[dict[str, Callable[[], object]], dict[str, float], dict[str, int]]:
     """``(callables, rel. error vs fp32, weight bytes)`` for every candidate of ``shape`` on ``device``
     (on CUDA, bf16 is cuBLAS; torch.ao's dynamic int8 is CPU-only and left out there)."""
     torch.manual_seed(seed)
@@ -147,8 +170,9 @@ def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_f
     for name, r, seg, dual in variants:
         built[name] = build_segquant(lin, r, seg, dual, calib)
     if include_reference:
-        built["segquant w8a8 (reference fake-quant)"] = build_segquant(lin, recipe("w8a8"), None, False, calib,
-                                                                       backend="reference")
+        built["segquant w8a8 (reference fake-quant)"] = build_segquant(
+            lin, recipe("w8a8"), None, False, calib, backend="reference"
+        )
     errors = {"fp32": 0.0}
     with torch.no_grad():
         errors["bf16"] = _rel_err(lin16(x16), ref)
@@ -158,14 +182,21 @@ def candidates_for(shape: LayerShape, *, include_compile: bool = True, include_f
             errors["bf16 compiled"] = errors["bf16"]
         for name, layer in built.items():
             errors[name] = _rel_err(layer(x16), ref)
-            fns[name] = (lambda layer=layer: layer(x16))
+            fns[name] = lambda layer=layer: layer(x16)
             nbytes[name] = layer.weight_nbytes()
     return fns, errors, nbytes
 
 
-def run_layer_bench(shapes: list[LayerShape], *, rounds: int = 10, include_compile: bool = True,
-                    include_fp8: bool = False, include_reference: bool = False, device: str = "cpu",
-                    progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
+def run_layer_bench(
+    shapes: list[LayerShape],
+    *,
+    rounds: int = 10,
+    include_compile: bool = True,
+    include_fp8: bool = False,
+    include_reference: bool = False,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, object]]:
     """One table row per (shape, candidate): median ms, speed-up vs bf16 and fp32, error, weight bytes.
 
     On CUDA timing is synchronised around every call and each candidate's ``max_memory_allocated`` over
@@ -174,20 +205,36 @@ def run_layer_bench(shapes: list[LayerShape], *, rounds: int = 10, include_compi
     for shape in shapes:
         if progress:
             progress(shape.name)
-        fns, errors, nbytes = candidates_for(shape, include_compile=include_compile, include_fp8=include_fp8,
-                                             include_reference=include_reference, device=device)
+        fns, errors, nbytes = candidates_for(
+            shape,
+            include_compile=include_compile,
+            include_fp8=include_fp8,
+            include_reference=include_reference,
+            device=device,
+        )
         with torch.no_grad():
             timings = alternate(fns, rounds=rounds, warmup=2, max_seconds=120, device=device)
             peaks = cuda_peaks(fns) if device.startswith("cuda") else {}
         bf16, fp32 = timings["bf16"].median_s, timings["fp32"].median_s
         ao = timings["torch.ao int8 dynamic"].median_s if "torch.ao int8 dynamic" in timings else None
         for name, t in timings.items():
-            rows.append({"shape": shape.name, "m": shape.m, "k": shape.k, "n": shape.n, "candidate": name,
-                         "median_ms": round(t.median_ms, 3), "vs_bf16": round(bf16 / t.median_s, 3),
-                         "vs_fp32": round(fp32 / t.median_s, 3),
-                         "vs_torch_ao": round(ao / t.median_s, 3) if ao else None,
-                         "rel_err": errors.get(name), "weight_bytes": nbytes.get(name), "rounds": len(t.samples),
-                         **({"cuda_max_allocated_bytes": peaks[name]} if name in peaks else {})})
+            rows.append(
+                {
+                    "shape": shape.name,
+                    "m": shape.m,
+                    "k": shape.k,
+                    "n": shape.n,
+                    "candidate": name,
+                    "median_ms": round(t.median_ms, 3),
+                    "vs_bf16": round(bf16 / t.median_s, 3),
+                    "vs_fp32": round(fp32 / t.median_s, 3),
+                    "vs_torch_ao": round(ao / t.median_s, 3) if ao else None,
+                    "rel_err": errors.get(name),
+                    "weight_bytes": nbytes.get(name),
+                    "rounds": len(t.samples),
+                    **({"cuda_max_allocated_bytes": peaks[name]} if name in peaks else {}),
+                }
+            )
     return rows
 
 

@@ -38,10 +38,21 @@ def _module_bytes(m: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
 
 
-def run_pipeline_bench(load_pipeline: Callable[[], Any], variants: list[str], calibration_prompts: list[str], *,
-                       prompt: str, batch: int = 4, steps: int = 20, guidance_scale: float = 3.0, rounds: int = 5,
-                       memory_cmd: list[str] | None = None, calib_steps_per_prompt: int = 4, device: str = "cpu",
-                       progress: Callable[[str], None] | None = None) -> list[dict[str, object]]:
+def run_pipeline_bench(
+    load_pipeline: Callable[[], Any],
+    variants: list[str],
+    calibration_prompts: list[str],
+    *,
+    prompt: str,
+    batch: int = 4,
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    rounds: int = 5,
+    memory_cmd: list[str] | None = None,
+    calib_steps_per_prompt: int = 4,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, object]]:
     """Rows per variant: s/image, s/step, speed-up vs fp, denoiser resident bytes (kernels included), peak
     memory (if measured, in a fresh process per variant that loads the variant's checkpoint as the worker
     does). On CUDA timing is synchronised and the memory is ``max_memory_allocated``."""
@@ -57,43 +68,79 @@ def run_pipeline_bench(load_pipeline: Callable[[], Any], variants: list[str], ca
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
         if name != "fp":
-            quantize_pipeline(pipe, name, calibration_prompts, num_inference_steps=steps,
-                              steps_per_prompt=calib_steps_per_prompt, guidance_scale=guidance_scale, progress=False)
+            quantize_pipeline(
+                pipe,
+                name,
+                calibration_prompts,
+                num_inference_steps=steps,
+                steps_per_prompt=calib_steps_per_prompt,
+                guidance_scale=guidance_scale,
+                progress=False,
+            )
             save(denoiser_of(pipe), workdir / name.replace(":", "_"))
         pipes[name] = pipe
 
     def make(pipe: Any) -> Callable[[], object]:
         def call() -> object:
             gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-            return pipe([prompt] * batch, num_inference_steps=steps, guidance_scale=guidance_scale,
-                        generator=gens, output_type="np")
+            return pipe(
+                [prompt] * batch,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=gens,
+                output_type="np",
+            )
+
         return call
 
     if progress:
         progress("timing")
     with torch.no_grad():
-        timings = alternate({n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=600,
-                            device=device)
+        timings = alternate(
+            {n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=600, device=device
+        )
     fp = timings["fp"].median_s
     rows = []
     for name, t in timings.items():
         row: dict[str, object] = {
-            "variant": name, "batch": batch, "steps": steps, "s_per_image": round(t.median_s / batch, 4),
-            "s_per_step": round(t.median_s / steps, 4), "vs_fp": round(fp / t.median_s, 3),
-            "denoiser_bytes": resident_bytes(denoiser_of(pipes[name])), "rounds": len(t.samples)}
+            "variant": name,
+            "batch": batch,
+            "steps": steps,
+            "s_per_image": round(t.median_s / batch, 4),
+            "s_per_step": round(t.median_s / steps, 4),
+            "vs_fp": round(fp / t.median_s, 3),
+            "denoiser_bytes": resident_bytes(denoiser_of(pipes[name])),
+            "rounds": len(t.samples),
+        }
         if memory_cmd is not None:
             art = workdir / name.replace(":", "_")
-            row["peak_memory_bytes"] = measure_peak_memory(memory_cmd, art if name != "fp" else None,
-                                                           prompt, batch, steps, guidance_scale, device)
+            row["peak_memory_bytes"] = measure_peak_memory(
+                memory_cmd, art if name != "fp" else None, prompt, batch, steps, guidance_scale, device
+            )
         rows.append(row)
     return rows
 
 
-def measure_peak_memory(memory_cmd: list[str], artifact: Path | None, prompt: str, batch: int, steps: int,
-                        guidance_scale: float, device: str = "cpu") -> int | None:
+def measure_peak_memory(
+    memory_cmd: list[str],
+    artifact: Path | None,
+    prompt: str,
+    batch: int,
+    steps: int,
+    guidance_scale: float,
+    device: str = "cpu",
+) -> int | None:
     """Run ``memory_cmd + [json args]`` in a fresh process; it prints ``{"peak_bytes": …}`` last."""
-    args = json.dumps({"artifact": str(artifact) if artifact else None, "prompt": prompt, "batch": batch,
-                       "steps": steps, "guidance_scale": guidance_scale, "device": device})
+    args = json.dumps(
+        {
+            "artifact": str(artifact) if artifact else None,
+            "prompt": prompt,
+            "batch": batch,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "device": device,
+        }
+    )
     proc = subprocess.run([*memory_cmd, args], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         return None
@@ -125,8 +172,13 @@ def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
             load_into_pipeline(spec["artifact"], pipe)
     cuda = torch.cuda.is_available() and next(denoiser_of(pipe).parameters()).is_cuda
     with torch.no_grad():  # warm-up: one-time costs (kernel compilation, weight packing) are not serving memory
-        pipe([spec["prompt"]] * spec["batch"], num_inference_steps=2, guidance_scale=spec["guidance_scale"],
-             generator=[torch.Generator().manual_seed(i) for i in range(spec["batch"])], output_type="np")
+        pipe(
+            [spec["prompt"]] * spec["batch"],
+            num_inference_steps=2,
+            guidance_scale=spec["guidance_scale"],
+            generator=[torch.Generator().manual_seed(i) for i in range(spec["batch"])],
+            output_type="np",
+        )
     gc.collect()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -134,7 +186,12 @@ def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
         reset_peak_rss()
     gens = [torch.Generator().manual_seed(i) for i in range(spec["batch"])]
     with torch.no_grad():
-        pipe([spec["prompt"]] * spec["batch"], num_inference_steps=spec["steps"],
-             guidance_scale=spec["guidance_scale"], generator=gens, output_type="np")
+        pipe(
+            [spec["prompt"]] * spec["batch"],
+            num_inference_steps=spec["steps"],
+            guidance_scale=spec["guidance_scale"],
+            generator=gens,
+            output_type="np",
+        )
     peak = torch.cuda.max_memory_allocated() if cuda else current_peak_rss_bytes()
     sys.stdout.write(json.dumps({"peak_bytes": int(peak)}) + "\n")

@@ -43,8 +43,9 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, spec):
             assert torch.equal(fresh(**call), m(**call))
     # the reports and the recipe come back too
     assert res.recipe == m.segquant.recipe and res.plan == m.segquant.plan
-    assert {n: [s.alpha for s in r.segments] for n, r in res.layers.items()} == \
-           {n: [s.alpha for s in r.segments] for n, r in m.segquant.layers.items()}
+    assert {n: [s.alpha for s in r.segments] for n, r in res.layers.items()} == {
+        n: [s.alpha for s in r.segments] for n, r in m.segquant.layers.items()
+    }
     assert res.quantized_bytes == m.segquant.quantized_bytes
     assert fresh.segquant is res
 
@@ -130,8 +131,10 @@ def test_bad_manifests_raise_artifact_error(tmp_path):
     d = save(_quantized(), tmp_path / "a")
     manifest_path = d / "manifest.json"
     good = json.loads(manifest_path.read_text())
-    for change, msg in (({"format_version": 3}, "version 3 is not supported"),
-                        ({"format": "something-else"}, "not a segquant artifact")):
+    for change, msg in (
+        ({"format_version": 3}, "version 3 is not supported"),
+        ({"format": "something-else"}, "not a segquant artifact"),
+    ):
         manifest_path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ArtifactError, match=msg):
             load(d, SegToy())
@@ -221,8 +224,9 @@ class Wide(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
-@pytest.mark.parametrize("spec,ratio", [("w8a8", 0.51), ("w8a8:dual=on", 0.51), ("fp8-segquant", 0.51),
-                                        ("w4a8-segquant:smooth=off", 0.27)])
+@pytest.mark.parametrize(
+    "spec,ratio", [("w8a8", 0.51), ("w8a8:dual=on", 0.51), ("fp8-segquant", 0.51), ("w4a8-segquant:smooth=off", 0.27)]
+)
 def test_weight_bytes_vs_bf16(tmp_path, spec, ratio):
     m = Wide()
     bf16_bytes = {n: sum(p.numel() * 2 for p in getattr(m, n).parameters()) for n in ("fc1", "fc2")}
@@ -230,8 +234,14 @@ def test_weight_bytes_vs_bf16(tmp_path, spec, ratio):
     quantize(m, spec, [{"x": torch.randn(64, 256, generator=gen(1))}], plan, progress=False)
     d = save(m, tmp_path / "a")
     with safe_open(str(d / "model.safetensors"), framework="pt") as f:
-        stored = {n: sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
-                         if k.startswith(n + ".")) for n in ("fc1", "fc2")}
+        stored = {
+            n: sum(
+                f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+                for k in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+                if k.startswith(n + ".")
+            )
+            for n in ("fc1", "fc2")
+        }
     for n in ("fc1", "fc2"):
         layer: SegLinear = getattr(m, n)
         assert layer.weight_nbytes() == stored[n]  # codes + scales + bias, everything the layer stores
