@@ -164,6 +164,7 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
         if config is not None:
             (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        _readable(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -176,6 +177,13 @@ def save(model: nn.Module, directory: str | Path, *, source: dict[str, Any] | No
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _readable(folder: Path) -> None:
+    """mkdtemp makes the folder owner-only; a checkpoint is read by other users (workers, containers)."""
+    folder.chmod(0o755)
+    for f in folder.iterdir():
+        f.chmod(0o644)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def write_witness(directory: str | Path, name: str, stats: InputStats) -> Path:
         str(path),
         metadata={"witness": json.dumps(meta)},
     )
+    path.chmod(0o644)
     return path
 
 
