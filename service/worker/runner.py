@@ -1,4 +1,10 @@
-"""The worker loop: read deliveries, batch compatible jobs, run them, write results, acknowledge.
+"""The worker: its lifecycle and the running of batches (read deliveries, batch compatible jobs, run them,
+write results, acknowledge).
+
+Its other concerns live next to it: reading and reclaiming deliveries (:mod:`.intake`), one call's control,
+step callback and progress publishing (:mod:`.call_progress`), background builds (:mod:`.builder`), the
+progress watchdog (:mod:`.watchdog`), and the error policy (:mod:`.resilience`: only connection errors are
+retried, by type and with capped backoff; every swallowed error is logged once per place and type).
 
 Around it run two small tasks: a heartbeat (keeps the held stream entries from being reclaimed, refreshes
 the worker's advertisement) and a cancel poll (flags jobs whose cancellation was requested). The pipeline
@@ -17,18 +23,16 @@ import json
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.build_requests import build_requests_for
 from service.jobs.model import FailureReason, ImageOut, Job, JobError, JobResult, JobState, Timings
 from service.jobs.queue import (
     Delivery,
-    QueueUnavailableError,
     StatsRecord,
     WorkerInfo,
     WorkerQueue,
@@ -40,6 +44,7 @@ from service.worker import images as imaging
 from service.worker import memory
 from service.worker.batching import group_compatible
 from service.worker.builder import BuildManager
+from service.worker.call_progress import CallControl, publish_progress, step_callback
 from service.worker.engine import (
     ArtifactMissingError,
     BuildOutcome,
@@ -51,34 +56,15 @@ from service.worker.engine import (
     build_route,
 )
 from service.worker.fidelity import psnr_of
-from service.worker.watchdog import CallWatch, Watchdog
+from service.worker.intake import Intake
+from service.worker.resilience import Backoff, SwallowedErrors, is_connection_error, retry_connection
+from service.worker.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
-
-CRASH_EXIT_CODE = 86
-_TRANSIENT = (QueueUnavailableError, ConnectionError, OSError, TimeoutError)
 
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-
-
-@dataclass
-class _Control:
-    """Shared between the loop and one pipeline call's thread."""
-
-    job_ids: list[str]
-    watch: CallWatch
-    crash: bool = False
-    hang: bool = False
-    step_delay_s: float = 0.0
-    canceled: set[str] = field(default_factory=set)
-    handback: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def all_canceled(self) -> bool:
-        with self.lock:
-            return set(self.job_ids) <= self.canceled
 
 
 @dataclass
@@ -108,13 +94,23 @@ class Runner:
         self.state: Literal["starting", "ready", "draining"] = "starting"
         self.started_at = time.time()
         self._held: dict[str, Delivery] = {}  # entry id → delivery, refreshed by the heartbeat
-        self._controls: list[_Control] = []
+        self._controls: list[CallControl] = []
         self._stopping = asyncio.Event()
-        self._next_reclaim = 0.0
         self._running = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.builds = BuildManager(engine, build_requests_for(queue), self._build_done)
+        self.intake = Intake(
+            queue,
+            settings,
+            keys,
+            self.worker_id,
+            loaded=engine.loaded_keys,
+            building=self.builds.active,
+            stopping=self._stopping,
+        )
         self.watchdog = Watchdog(settings.worker.step_timeout_s)
+        self.errors = SwallowedErrors(logger)  # best-effort writes: each failure logged once per place and type
+        self._loop_backoff = Backoff()
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -135,15 +131,19 @@ class Runner:
             logger.info("worker %s ready: serving %s", self.worker_id, ", ".join(map(str, self.keys)))
             while not self._stopping.is_set():
                 try:
-                    deliveries = await self._next_deliveries()
+                    deliveries = await self.intake.next()
                     if deliveries:
                         await self._process(deliveries)
                 except Exception as e:  # never let one bad iteration (or a Redis outage) kill the worker
-                    if isinstance(e, _TRANSIENT) or "connect" in str(e).lower():
-                        logger.warning("queue unavailable (%s); retrying in 1s", e)
+                    if is_connection_error(e):
+                        delay = self._loop_backoff.next()
+                        logger.warning("queue unavailable (%s: %s); retrying in %.1fs", type(e).__name__, e, delay)
                     else:
+                        delay = 1.0
                         logger.exception("worker loop error; retrying in 1s")
-                    await self._sleep_or_stop(1.0)
+                    await self._sleep_or_stop(delay)
+                else:
+                    self._loop_backoff.reset()
         finally:
             self.state = "draining"
             await self._release_held()
@@ -151,7 +151,7 @@ class Runner:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.builds.stop()
-            with contextlib.suppress(Exception):
+            with self.errors.swallow("withdrawing from the queue"):
                 await self.queue.forget_consumer(self.keys, self.worker_id)
                 await self.queue.withdraw(self.worker_id)
             logger.info("worker %s stopped", self.worker_id)
@@ -176,16 +176,8 @@ class Runner:
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
     async def _with_retry(self, fn: Callable[[], Any]) -> Any:
-        delay = 0.5
-        while True:
-            try:
-                return await fn()
-            except Exception as e:
-                if self._stopping.is_set():
-                    raise
-                logger.warning("queue unavailable (%s); retrying in %.1fs", e, delay)
-                await self._sleep_or_stop(delay)
-                delay = min(delay * 2, 10.0)
+        """Retry ``fn`` while the queue is unreachable (by error type, capped backoff); other errors propagate."""
+        return await retry_connection(fn, stopping=self._stopping, what=f"worker {self.worker_id}")
 
     async def _preload(self) -> None:
         wanted = self.settings.worker.preload
@@ -223,7 +215,7 @@ class Runner:
             m.model_weight_bytes.labels(key.model, key.variant).set(lv.weight_bytes)
             m.variant_info.labels(key.model, key.variant, lv.spec.recipe, lv.precision, lv.device).set(1)
             m.models_loaded.set(len(self.engine.loaded_keys()))
-            with contextlib.suppress(Exception):
+            with self.errors.swallow("advertising"):
                 await self._advertise()
         return lv
 
@@ -259,7 +251,7 @@ class Runner:
                     )
                 await self._advertise()
             except Exception as e:  # keep beating whatever happens
-                logger.warning("heartbeat failed: %s", e)
+                self.errors.record("heartbeat", e)
 
     async def _cancel_loop(self) -> None:
         while True:
@@ -270,8 +262,8 @@ class Runner:
                 continue
             try:
                 canceled = await self.queue.cancel_requested(ids)
-            except Exception as e:
-                logger.warning("cancel poll failed: %s", e)
+            except Exception as e:  # the next poll asks again
+                self.errors.record("cancel poll", e)
                 continue
             for c in controls:
                 with c.lock:
@@ -287,7 +279,7 @@ class Runner:
             try:
                 await self.builds.poll_requests(self.keys)
             except Exception as e:  # Redis away: the next round asks again
-                logger.warning("polling build requests failed: %s", e)
+                self.errors.record("build request poll", e)
 
     async def _wait_for_build(self, it: _Item) -> None:
         """A job whose variant has no artifact: start (or join) its build and put the job back in the queue.
@@ -310,7 +302,7 @@ class Runner:
             )
             return
         if self.builds.start(key, f"job {job.id} needs it"):
-            with contextlib.suppress(Exception):
+            with self.errors.swallow("advertising"):
                 await self._advertise()
         await self.queue.release(it.delivery, self.worker_id)
         self._held.pop(it.delivery.entry_id, None)
@@ -320,7 +312,7 @@ class Runner:
         """After a build: clear its request, record metrics, advertise the new state (waiting jobs are read)."""
         canceled = error is not None and self._stopping.is_set()
         if not canceled:
-            with contextlib.suppress(Exception):
+            with self.errors.swallow("clearing a build request"):
                 await self.builds.requests.clear(key)
         if outcome is not None:
             if outcome.built_here:
@@ -334,7 +326,7 @@ class Runner:
             )
         elif error is not None and not canceled:
             logger.warning("build of %s failed: %s; its queued jobs fail with that reason", key, error)
-        with contextlib.suppress(Exception):
+        with self.errors.swallow("advertising"):
             await self._advertise()
 
     def _set_psnr_gauge(self, key: VariantKey) -> None:
@@ -349,44 +341,6 @@ class Runner:
             self.metrics.variant_psnr.labels(key.model, key.variant).set(psnr)
 
     # ------------------------------------------------------------------ reading
-    def _ordered_keys(self) -> list[VariantKey]:
-        """Variants already in memory first, so a worker does not swap models while it has work for one."""
-        loaded = set(self.engine.loaded_keys())
-        waiting = [k for k in self.keys if self.builds.active(k)]  # their jobs stay queued until it is built
-        return sorted([k for k in self.keys if k not in waiting], key=lambda k: k not in loaded)
-
-    async def _next_deliveries(self) -> list[Delivery]:
-        q, w = self.settings.queue, self.settings.worker
-        now = time.monotonic()
-        if now >= self._next_reclaim:
-            self._next_reclaim = now + max(q.reclaim_idle_s / 2, q.heartbeat_interval_s)
-            reclaimed = await self.queue.reclaim(self.keys, self.worker_id, q.reclaim_idle_s, w.max_batch_size)
-            if reclaimed:
-                logger.info("reclaimed %d job(s) from dead or stalled workers", len(reclaimed))
-                return reclaimed
-        got: list[Delivery] = []
-        keys = self._ordered_keys()
-        for key in keys:
-            got = await self.queue.read([key], self.worker_id, w.max_batch_size, 0)
-            if got:
-                break
-        if not got:
-            block = int(min(1.0, q.reclaim_idle_s / 2) * 1000)
-            if not keys:  # every served variant is building: nothing to read yet
-                await self._sleep_or_stop(block / 1000)
-                return []
-            got = await self.queue.read(keys, self.worker_id, 1, block)
-        if got and w.batch_wait_ms > 0 and len(got) < w.max_batch_size:
-            deadline = time.monotonic() + w.batch_wait_ms / 1000
-            while len(got) < w.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                more = await self.queue.read(
-                    [got[0].key], self.worker_id, w.max_batch_size - len(got), max(1, int(left * 1000))
-                )
-                if not more:
-                    break
-                got += more
-        return got
-
     # ------------------------------------------------------------------ processing
     async def _process(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
@@ -478,7 +432,7 @@ class Runner:
             else []
         )
         ids = [it.job.id for it in batch]
-        control = _Control(
+        control = CallControl(
             ids,
             self.watchdog.watch(key, ids),
             crash=any(h.crash_worker for h in hooks),
@@ -490,12 +444,12 @@ class Runner:
                 max(0.0, (it.job.started_at or time.time()) - it.job.created_at)
             )
         progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
-        publisher = asyncio.create_task(self._publish_progress(progress, control))
+        publisher = asyncio.create_task(publish_progress(self.queue, progress, control, self.errors))
         self._controls.append(control)
         self._running += len(batch)
         m.jobs_running.labels(key.model, key.variant).inc(len(batch))
         loop = asyncio.get_running_loop()
-        on_step = self._step_callback(control, loop, progress)
+        on_step = step_callback(control, loop, progress)
         retry_alone: list[_Item] = []
         try:
             grouped, stats = await asyncio.to_thread(
@@ -536,7 +490,7 @@ class Runner:
                     await self._fail(it, FailureReason.INTERNAL, f"{type(e).__name__}: {e}")
         else:
             await self._succeed(batch, control, lv, grouped, stats, load_s=load_s)
-            with contextlib.suppress(Exception):
+            with self.errors.swallow("advertising"):
                 await self._advertise()  # fresh latency/memory figures for GET /models
         finally:
             progress.put_nowait(None)
@@ -548,38 +502,7 @@ class Runner:
         for it in retry_alone:
             await self._run_batch([it], alone=True)
 
-    def _step_callback(
-        self, control: _Control, loop: asyncio.AbstractEventLoop, progress: asyncio.Queue[tuple[int, int] | None]
-    ) -> Callable[[int, int], None]:
-        def on_step(step: int, total: int) -> None:  # runs in the pipeline thread
-            if control.hang:  # debug hook: a call that cannot be stopped (the watchdog makes the worker exit)
-                logger.critical("debug hook hang_first_attempt: this call hangs now")
-                time.sleep(3600)
-            control.watch.stepped()
-            if control.crash:
-                logger.critical("debug hook crash_worker: exiting the worker process now")
-                os._exit(CRASH_EXIT_CODE)
-            loop.call_soon_threadsafe(progress.put_nowait, (step, total))
-            if control.step_delay_s:
-                time.sleep(control.step_delay_s)
-            if control.watch.stalled.is_set():
-                raise StopBatch(stalled=True)
-            if control.handback.is_set():
-                raise StopBatch(handback=True)
-            if control.all_canceled():
-                raise StopBatch()
-
-        return on_step
-
-    async def _publish_progress(self, progress: asyncio.Queue[tuple[int, int] | None], control: _Control) -> None:
-        """Publish steps in order, one writer per batch (a later step never overtakes an earlier one)."""
-        while (item := await progress.get()) is not None:
-            step, total = item
-            for job_id in control.job_ids:
-                with contextlib.suppress(Exception):
-                    await self.queue.progress(job_id, step, total)
-
-    async def _stopped(self, batch: list[_Item], control: _Control, *, handback: bool) -> None:
+    async def _stopped(self, batch: list[_Item], control: CallControl, *, handback: bool) -> None:
         for it in batch:
             if it.job.id in control.canceled:
                 await self._finish(
@@ -597,7 +520,7 @@ class Runner:
     async def _succeed(
         self,
         batch: list[_Item],
-        control: _Control,
+        control: CallControl,
         lv: LoadedVariant,
         grouped: list[list[Any]],
         stats: CallStats,
@@ -647,7 +570,7 @@ class Runner:
                         inference_s=stats.inference_s, total_s=timings.total_s, service_s=stats.inference_s / len(batch)
                     )
                 )
-        with contextlib.suppress(Exception):
+        with self.errors.swallow("recording job timings"):
             await self.queue.record_stats(key, records)
 
     def _encode(self, job: Job, lv: LoadedVariant, pil_images: list[Any]) -> list[ImageOut]:
@@ -706,5 +629,5 @@ class Runner:
             try:
                 await self.queue.release(d, self.worker_id)
             except Exception as e:  # leave it pending: the reclaim path will pick it up
-                logger.warning("could not hand back job %s: %s", d.job_id, e)
+                self.errors.record(f"handing back job {d.job_id}", e)
             self._held.pop(d.entry_id, None)
