@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import load_shipped
@@ -81,6 +81,20 @@ def save_adapter(path: Path, wrapped: dict[str, TrainableLora], alpha: float, in
     tmp.replace(path)
 
 
+@torch.no_grad()
+def init_from_adapter(path: Path, wrapped: dict[str, TrainableLora]) -> None:
+    """Continue from a saved adapter of the same layers and rank (B is stored with alpha/r folded in)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from: no adapter file {path}")
+    state = load_file(str(path))
+    for name, w in wrapped.items():
+        a, b = state.get(f"{KEY_PREFIX}{name}.lora_A.weight"), state.get(f"{KEY_PREFIX}{name}.lora_B.weight")
+        if a is None or b is None or a.shape != w.lora_A.shape or b.shape != w.lora_B.shape:
+            raise ValueError(f"--init-from: {path} has no matching rank-{w.lora_A.shape[0]} pair for {name}")
+        w.lora_A.copy_(a)
+        w.lora_B.copy_(b / w.scale)
+
+
 def _text_table(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     states, pooled = encode_prompts(captions, MAX_TOKENS)
     return states.half(), pooled.half()
@@ -102,6 +116,9 @@ def run(args: argparse.Namespace) -> Path:
     command = "python -m segquant_shapes.train_lora " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     model = load_shipped("mmdit").transformer.train().requires_grad_(False)
     wrapped = attach_trainable(model, args.rank, float(args.rank), args.seed)
+    if args.init_from:
+        init_from_adapter(Path(args.init_from), wrapped)
+        log.info("continuing from %s (fresh optimizer)", args.init_from)
     params = [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     n_params = sum(p.numel() for p in params)
@@ -173,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", default="", help="continue from this adapter file (same rank; fresh optimizer)")
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args(argv)
 
