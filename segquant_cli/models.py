@@ -64,8 +64,9 @@ def load_pipeline(path: str | Path, drop: tuple[str, ...] = (), **kwargs: Any) -
             from diffusers import DiffusionPipeline
 
             gone = {name: None for name in drop}
-            gone.update({"tokenizer" + n.removeprefix("text_encoder"): None for n in drop
-                         if n.startswith("text_encoder")})
+            gone.update(
+                {"tokenizer" + n.removeprefix("text_encoder"): None for n in drop if n.startswith("text_encoder")}
+            )
             try:
                 return DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **gone, **kwargs)
             except Exception as e:  # network / hub errors come in many types
@@ -81,10 +82,10 @@ def load_pipeline(path: str | Path, drop: tuple[str, ...] = (), **kwargs: Any) -
     return load_pipeline_folder(p, pipeline_class(index.get("_class_name", "")), drop=drop, **kwargs)
 
 
-def load_denoiser(path: str | Path, component: str | None = None,
-                  drop: tuple[str, ...] = ()) -> tuple[Any, Any | None]:
+def load_denoiser(path: str | Path, component: str | None = None, drop: tuple[str, ...] = ()) -> tuple[Any, Any | None]:
     """``(denoiser, pipeline or None)`` from a pipeline dir, a model dir or a hub id."""
     from torch import nn  # imported here so `segquant serve/worker --help` start without torch
+
     p = Path(path)
     if p.is_dir() and not is_pipeline_dir(p):
         cfg_file = p / "config.json"

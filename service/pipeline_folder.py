@@ -46,8 +46,7 @@ def expand_drop(index: dict[str, Any], drop: Iterable[str]) -> list[str]:
     out: list[str] = []
     for name in drop:
         if name not in names:
-            raise ValueError(f"{name!r} is not a component of this pipeline "
-                             f"(components: {', '.join(names)})")
+            raise ValueError(f"{name!r} is not a component of this pipeline (components: {', '.join(names)})")
         if name in REQUIRED_COMPONENTS:
             raise ValueError(f"{name!r} is required to generate images and cannot be dropped")
         out.append(name)
@@ -64,8 +63,15 @@ def active_components(index: dict[str, Any], drop: Iterable[str] = ()) -> list[s
     return [k for k in component_names(index) if k not in gone]
 
 
-def load_pipeline_folder(folder: str | Path, cls: Any, *, drop: Iterable[str] = (), dtype: Any = None,
-                         local_files_only: bool = True, **kwargs: Any) -> Any:
+def load_pipeline_folder(
+    folder: str | Path,
+    cls: Any,
+    *,
+    drop: Iterable[str] = (),
+    dtype: Any = None,
+    local_files_only: bool = True,
+    **kwargs: Any,
+) -> Any:
     """``cls.from_pretrained(folder)`` with null and dropped components passed as ``None``, safetensors only."""
     index = read_model_index(folder)
     for name in [*null_components(index), *expand_drop(index, drop)]:

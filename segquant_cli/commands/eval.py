@@ -12,27 +12,41 @@ from segquant_cli.models import load_pipeline
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="compare quantized variants with the float model (PSNR, SSIM, adherence)",
-                       description="Generate with fp and each variant from the same noise and seeds, then report.")
+    p = sub.add_parser(
+        "eval",
+        help="compare quantized variants with the float model (PSNR, SSIM, adherence)",
+        description="Generate with fp and each variant from the same noise and seeds, then report.",
+    )
     p.add_argument("model_dir", help="diffusers pipeline directory, or shipped:mmdit / shipped:unet")
-    p.add_argument("--variants", default="fp,w8a8,w8a8-smooth,w8a8-segquant",
-                   help="comma-separated recipe names (switches allowed, e.g. w8a8-segquant:dual=off)")
+    p.add_argument(
+        "--variants",
+        default="fp,w8a8,w8a8-smooth,w8a8-segquant",
+        help="comma-separated recipe names (switches allowed, e.g. w8a8-segquant:dual=off)",
+    )
     p.add_argument("--prompts", help="evaluation prompts, one per line (default: the model's held-out prompts)")
     p.add_argument("--num-prompts", type=int, default=32, help="how many default evaluation prompts (default 32)")
     p.add_argument("--calib-prompts", help="calibration prompts file (default: the model's calibration prompts)")
-    p.add_argument("--calib-samples", type=int, default=256,
-                   help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=256,
+        help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)",
+    )
     p.add_argument("--steps-per-prompt", type=int, default=4)
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     p.add_argument("--guidance", type=float, default=3.0, help="guidance scale (default 3.0, as the service)")
     p.add_argument("--height", type=int, help="image height (default: the model's default size)")
     p.add_argument("--width", type=int, help="image width (default: the model's default size)")
-    p.add_argument("--drop-components", default="",
-                   help="comma-separated optional components to load as None, e.g. text_encoder_3")
+    p.add_argument(
+        "--drop-components", default="", help="comma-separated optional components to load as None, e.g. text_encoder_3"
+    )
     p.add_argument("--artifacts", help="cache quantized variants here and reuse them")
-    p.add_argument("--lora", help="NAME[:SCALE]: attach this adapter to every variant after quantizing (file, "
-                   "directory, or a name under the model's loras/); its eval_prompts.txt is the default prompts")
+    p.add_argument(
+        "--lora",
+        help="NAME[:SCALE]: attach this adapter to every variant after quantizing (file, "
+        "directory, or a name under the model's loras/); its eval_prompts.txt is the default prompts",
+    )
     p.add_argument("--out", required=True, help="report directory (report.json, report.md, grid.png)")
     p.set_defaults(run=run)
 
@@ -74,19 +88,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"segquant: {line}")
 
     given = _lines(args.prompts) if args.prompts else (lora.eval_prompts if lora else None)
-    prompts = choose_prompts(pipe, len(given) if given else args.num_prompts, given=given, purpose="evaluation",
-                             log=say)
+    prompts = choose_prompts(
+        pipe, len(given) if given else args.num_prompts, given=given, purpose="evaluation", log=say
+    )
     n_calib = math.ceil(args.calib_samples / args.steps_per_prompt)
-    calib = choose_prompts(pipe, n_calib, given=_lines(args.calib_prompts) if args.calib_prompts else None,
-                           log=say)
+    calib = choose_prompts(pipe, n_calib, given=_lines(args.calib_prompts) if args.calib_prompts else None, log=say)
     scorer = getattr(pipe, "adherence_scorer", None)
-    report = evaluate(lambda: load_pipeline(args.model_dir, drop), variants, prompts, seeds,
-                      calibration_prompts=calib,
-                      model_name=str(args.model_dir) + (f" + LoRA {lora.label()}" if lora else ""),
-                      num_inference_steps=args.steps,
-                      guidance_scale=args.guidance, steps_per_prompt=args.steps_per_prompt,
-                      scorer=scorer if callable(scorer) else None, artifacts_dir=args.artifacts, call_kwargs=size,
-                      after_build=lora.attach if lora else None)
+    report = evaluate(
+        lambda: load_pipeline(args.model_dir, drop),
+        variants,
+        prompts,
+        seeds,
+        calibration_prompts=calib,
+        model_name=str(args.model_dir) + (f" + LoRA {lora.label()}" if lora else ""),
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        steps_per_prompt=args.steps_per_prompt,
+        scorer=scorer if callable(scorer) else None,
+        artifacts_dir=args.artifacts,
+        call_kwargs=size,
+        after_build=lora.attach if lora else None,
+    )
     paths = write_report(report, args.out)
     print(paths["markdown"].read_text())
     print(f"wrote {paths['json']}, {paths['markdown']}, {paths['grid']}")

@@ -19,24 +19,40 @@ from segquant_cli.models import load_denoiser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-onnx", help="export a quantized denoiser as an ONNX QDQ graph",
-                       description="Load an artifact into its float model and export it as ONNX with explicit "
-                                   "Q/DQ nodes (ONNX Runtime, TensorRT). Shapes are static: those of the example.")
+    p = sub.add_parser(
+        "export-onnx",
+        help="export a quantized denoiser as an ONNX QDQ graph",
+        description="Load an artifact into its float model and export it as ONNX with explicit "
+        "Q/DQ nodes (ONNX Runtime, TensorRT). Shapes are static: those of the example.",
+    )
     p.add_argument("artifact", help="artifact directory written by `segquant quantize`")
     p.add_argument("--out", required=True, help="ONNX file to write (written via a temporary file)")
     p.add_argument("--model", help="float model / pipeline directory (default: the artifact's source.path)")
     p.add_argument("--component", choices=["transformer", "unet"], help="which denoiser of a pipeline")
     p.add_argument("--opset", type=int, help="ONNX opset (default: 18; 19 with fp8, 21 with int4 weights)")
-    p.add_argument("--example-size", metavar="HxW",
-                   help="latent height x width of the export inputs (default: the model's sample_size)")
+    p.add_argument(
+        "--example-size",
+        metavar="HxW",
+        help="latent height x width of the export inputs (default: the model's sample_size)",
+    )
     p.add_argument("--batch", type=int, default=2, help="batch of the export inputs (default 2: a CFG pair)")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
-                   help="torch exporter for the float part (default dynamo; torchscript is faster, no Flux)")
-    p.add_argument("--dynamic-activations", action="store_true",
-                   help="export dynamic (per-token) activation quantizers as in-graph scale computations "
-                        "(runs in ONNX Runtime; TensorRT needs constant scales)")
-    p.add_argument("--check", action="store_true",
-                   help="run the graph with ONNX Runtime: relative error vs our reference backend, latencies")
+    p.add_argument(
+        "--exporter",
+        choices=["dynamo", "torchscript"],
+        default="dynamo",
+        help="torch exporter for the float part (default dynamo; torchscript is faster, no Flux)",
+    )
+    p.add_argument(
+        "--dynamic-activations",
+        action="store_true",
+        help="export dynamic (per-token) activation quantizers as in-graph scale computations "
+        "(runs in ONNX Runtime; TensorRT needs constant scales)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="run the graph with ONNX Runtime: relative error vs our reference backend, latencies",
+    )
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per side for --check (default 10)")
     p.add_argument("--tolerance", type=float, default=1e-2, help="max relative error for --check (default 1e-2)")
     p.add_argument("--threads", type=int, help="intra-op threads for both sides of --check (default: torch's)")
@@ -85,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model or source.get("path")
     if not model_path:
         raise CLIError(f"{artifact}: the manifest names no source.path; pass --model MODEL_DIR")
-    model, _ = load_denoiser(model_path, args.component or source.get("component"),
-                             tuple(source.get("drop_components") or ()))
+    model, _ = load_denoiser(
+        model_path, args.component or source.get("component"), tuple(source.get("drop_components") or ())
+    )
     if source.get("class") and source["class"] != type(model).__name__:
-        raise CLIError(f"{artifact} was made for a {source['class']}, but {model_path} holds a "
-                       f"{type(model).__name__}")
+        raise CLIError(f"{artifact} was made for a {source['class']}, but {model_path} holds a {type(model).__name__}")
     sq.load(artifact, model)
     model.eval()
     if height is None:
@@ -98,29 +114,38 @@ def run(args: argparse.Namespace) -> int:
         kwargs = example_inputs_for(model, batch=args.batch, height=height, width=width)
     except ValueError as e:
         raise CLIError(f"--example-size: {e}") from None
-    result = export_onnx(model, kwargs, args.out, opset=args.opset, exporter=args.exporter,
-                         allow_dynamic=args.dynamic_activations)
+    result = export_onnx(
+        model, kwargs, args.out, opset=args.opset, exporter=args.exporter, allow_dynamic=args.dynamic_activations
+    )
     s = result.summary()
-    print(f"wrote {s['path']} ({s['bytes'] / 1e6:.2f} MB, opset {s['opset']}, {s['exporter']} exporter, "
-          f"{s['seconds']} s)")
+    print(
+        f"wrote {s['path']} ({s['bytes'] / 1e6:.2f} MB, opset {s['opset']}, {s['exporter']} exporter, {s['seconds']} s)"
+    )
     print(f"  inputs: {', '.join(f'{n}{list(t.shape)}' for n, t in zip(result.input_names, _leaves(kwargs)))}")
-    print(f"  quantized layers: {s['quantized_layers']}; QuantizeLinear {s['QuantizeLinear']}, "
-          f"DequantizeLinear {s['DequantizeLinear']}, MatMul {s['MatMul']}")
+    print(
+        f"  quantized layers: {s['quantized_layers']}; QuantizeLinear {s['QuantizeLinear']}, "
+        f"DequantizeLinear {s['DequantizeLinear']}, MatMul {s['MatMul']}"
+    )
     for note in s["notes"]:
         print(f"  note: {note}")
     out: dict[str, Any] = {"export": s}
     status = 0
     if args.check:
-        rep = check_onnx(model, kwargs, result.path, rounds=args.rounds, tolerance=args.tolerance,
-                         threads=args.threads)
+        rep = check_onnx(model, kwargs, result.path, rounds=args.rounds, tolerance=args.tolerance, threads=args.threads)
         print(f"check (ONNX Runtime {rep.ort_version}, {rep.provider}, threads: {rep.threads}):")
-        print(f"  rel. error vs reference backend: {rep.rel_error:.3e} (tolerance {rep.tolerance:g}) "
-              f"{'OK' if rep.passed else 'FAILED'}")
-        print(f"  rel. error vs our CPU backend:   {rep.rel_error_vs_backend:.3e} "
-              f"(backend vs reference {rep.backend_vs_reference:.3e})")
+        print(
+            f"  rel. error vs reference backend: {rep.rel_error:.3e} (tolerance {rep.tolerance:g}) "
+            f"{'OK' if rep.passed else 'FAILED'}"
+        )
+        print(
+            f"  rel. error vs our CPU backend:   {rep.rel_error_vs_backend:.3e} "
+            f"(backend vs reference {rep.backend_vs_reference:.3e})"
+        )
         backends = ", ".join(f"{k}×{v}" for k, v in rep.backends.items())
-        print(f"  latency, median of {rep.rounds} alternating rounds: ONNX Runtime {rep.ort_ms:.2f} ms, "
-              f"segquant ({backends}) {rep.backend_ms:.2f} ms, ratio {rep.backend_ms / rep.ort_ms:.2f}×")
+        print(
+            f"  latency, median of {rep.rounds} alternating rounds: ONNX Runtime {rep.ort_ms:.2f} ms, "
+            f"segquant ({backends}) {rep.backend_ms:.2f} ms, ratio {rep.backend_ms / rep.ort_ms:.2f}×"
+        )
         out["check"] = rep.to_dict()
         if not rep.passed:
             print(f"segquant: check failed: relative error {rep.rel_error:.3e} ≥ {rep.tolerance:g}", file=sys.stderr)

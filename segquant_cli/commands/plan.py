@@ -8,12 +8,16 @@ from segquant_cli.models import load_denoiser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plan", help="detect SegLinear / DualScale layers and print the plan",
-                       description="Trace one forward pass of the denoiser and print one record per nn.Linear.")
+    p = sub.add_parser(
+        "plan",
+        help="detect SegLinear / DualScale layers and print the plan",
+        description="Trace one forward pass of the denoiser and print one record per nn.Linear.",
+    )
     p.add_argument("model_dir", help="diffusers pipeline or model directory (or hub id when online)")
     p.add_argument("--component", choices=["transformer", "unet"], help="which denoiser of a pipeline")
-    p.add_argument("--drop-components", default="",
-                   help="comma-separated optional components to load as None, e.g. text_encoder_3")
+    p.add_argument(
+        "--drop-components", default="", help="comma-separated optional components to load as None, e.g. text_encoder_3"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON (the editable format)")
     p.add_argument("--reasons", action="store_true", help="include why each pattern fired (JSON only)")
     p.set_defaults(run=run)

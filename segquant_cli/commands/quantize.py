@@ -14,30 +14,49 @@ from segquant_cli.models import DENOISER_COMPONENTS, load_denoiser
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="quantize a denoiser with a recipe and write an artifact",
-                       description="Calibrate on the pipeline's own denoising loop, quantize, save.")
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a denoiser with a recipe and write an artifact",
+        description="Calibrate on the pipeline's own denoising loop, quantize, save.",
+    )
     p.add_argument("model_dir", help="diffusers pipeline directory (or model directory / hub id)")
     p.add_argument("--recipe", required=True, help="recipe name with optional switches, e.g. w8a8-segquant:dual=off")
     p.add_argument("--out", required=True, help="artifact directory to write")
     p.add_argument("--component", choices=["transformer", "unet"])
     p.add_argument("--prompts", help="text file with one calibration prompt per line")
-    p.add_argument("--calib-samples", type=int, default=256,
-                   help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)")
+    p.add_argument(
+        "--calib-samples",
+        type=int,
+        default=256,
+        help="denoiser calls to calibrate on (default 256: per-segment static scales need the coverage)",
+    )
     p.add_argument("--steps", type=int, default=20, help="denoising steps per calibration prompt (default 20)")
     p.add_argument("--steps-per-prompt", type=int, default=4, help="recorded steps per prompt (default 4)")
-    p.add_argument("--guidance-scale", "--guidance", type=float, default=None,
-                   help="guidance while calibrating (default: the pipeline's own default)")
+    p.add_argument(
+        "--guidance-scale",
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance while calibrating (default: the pipeline's own default)",
+    )
     p.add_argument("--height", type=int, help="image height to calibrate at (default: the model's default size)")
     p.add_argument("--width", type=int, help="image width to calibrate at (default: the model's default size)")
-    p.add_argument("--drop-components", default="",
-                   help="comma-separated optional components to load as None, e.g. text_encoder_3 (SD3 without T5)")
-    p.add_argument("--overrides", help="JSON file: {\"excludes\": [globs], \"overrides\": [{\"pattern\": …}]}")
+    p.add_argument(
+        "--drop-components",
+        default="",
+        help="comma-separated optional components to load as None, e.g. text_encoder_3 (SD3 without T5)",
+    )
+    p.add_argument("--overrides", help='JSON file: {"excludes": [globs], "overrides": [{"pattern": …}]}')
     p.add_argument("--plan", help="JSON plan file (as printed by `segquant plan --json`), possibly edited")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--eval-prompts", type=int, default=8,
-                   help="after saving, score the artifact against fp on this many held-out prompts (1 seed, at "
-                        "--steps) and write eval.json next to it; 0 = skip (default 8)")
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=8,
+        help="after saving, score the artifact against fp on this many held-out prompts (1 seed, at "
+        "--steps) and write eval.json next to it; 0 = skip (default 8)",
+    )
     p.set_defaults(run=run)
 
 
@@ -101,7 +120,8 @@ def _apply_overrides(recipe: Any, path: str | None) -> Any:
         raise CLIError("--overrides: expected a JSON object with 'excludes' and/or 'overrides'")
     return recipe.with_switches(
         excludes=tuple(recipe.excludes) + tuple(data.get("excludes", [])),
-        overrides=tuple(recipe.overrides) + tuple(LayerOverride.from_dict(o) for o in data.get("overrides", [])))
+        overrides=tuple(recipe.overrides) + tuple(LayerOverride.from_dict(o) for o in data.get("overrides", [])),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,18 +141,27 @@ def run(args: argparse.Namespace) -> int:
         from segquant_core.prompts import choose_prompts
 
         n_prompts = math.ceil(args.calib_samples / args.steps_per_prompt)
-        prompts = choose_prompts(pipe, n_prompts, given=_read_prompts(args.prompts),
-                                 log=lambda line: print(f"segquant: {line}"))
+        prompts = choose_prompts(
+            pipe, n_prompts, given=_read_prompts(args.prompts), log=lambda line: print(f"segquant: {line}")
+        )
         size = calibration_size(args.model_dir, args.height, args.width, pipe)
-        calib = sq.capture_calibration(pipe, prompts, num_inference_steps=args.steps,
-                                       steps_per_prompt=args.steps_per_prompt, call_kwargs=size,
-                                       guidance_scale=args.guidance_scale, seed=args.seed)
+        calib = sq.capture_calibration(
+            pipe,
+            prompts,
+            num_inference_steps=args.steps,
+            steps_per_prompt=args.steps_per_prompt,
+            call_kwargs=size,
+            guidance_scale=args.guidance_scale,
+            seed=args.seed,
+        )
     else:
         print("segquant: warning: no pipeline around this model; calibrating on random example inputs")
         calib = sq.CalibrationSet(calls=[example_inputs_for(model) for _ in range(args.calib_samples)])
     result = sq.quantize(model, recipe, calib, plan, backend=args.backend, seed=args.seed)
-    source = {"path": str(Path(args.model_dir).resolve()) if Path(args.model_dir).exists() else args.model_dir,
-              "component": denoiser_component(pipe, model, args.component)}
+    source = {
+        "path": str(Path(args.model_dir).resolve()) if Path(args.model_dir).exists() else args.model_dir,
+        "component": denoiser_component(pipe, model, args.component),
+    }
     if args.drop_components:
         source["drop_components"] = list(drop_list(args.drop_components))
     sq.save(model, args.out, source=source)
@@ -153,13 +182,23 @@ def _write_fidelity(args: argparse.Namespace, pipe: Any, calibration: list[str],
         print("segquant: warning: no evaluation prompts disjoint from the calibration prompts; eval.json not written")
         return
     guidance = args.guidance_scale if args.guidance_scale is not None else 3.0
-    data = evaluate_artifact(lambda: load_pipeline(args.model_dir, drop), Path(args.out), args.recipe,
-                             prompts=prompts, calibration_prompts=calibration, seeds=[0],
-                             num_inference_steps=args.steps, guidance_scale=guidance,
-                             scorer=getattr(pipe, "adherence_scorer", None), call_kwargs=size)
+    data = evaluate_artifact(
+        lambda: load_pipeline(args.model_dir, drop),
+        Path(args.out),
+        args.recipe,
+        prompts=prompts,
+        calibration_prompts=calibration,
+        seeds=[0],
+        num_inference_steps=args.steps,
+        guidance_scale=guidance,
+        scorer=getattr(pipe, "adherence_scorer", None),
+        call_kwargs=size,
+    )
     entry = data["variants"][0]
-    print(f"segquant: fidelity against fp on {len(prompts)} prompts: PSNR {entry['psnr']} dB, SSIM "
-          f"{entry['ssim']}; written to {Path(args.out) / 'eval.json'}")
+    print(
+        f"segquant: fidelity against fp on {len(prompts)} prompts: PSNR {entry['psnr']} dB, SSIM "
+        f"{entry['ssim']}; written to {Path(args.out) / 'eval.json'}"
+    )
 
 
 def _print_summary(s: dict[str, Any], out: str) -> None:

@@ -33,8 +33,7 @@ def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return image.convert("RGB").resize(size, method)
 
 
-def sheet(columns: Sequence[tuple[str, Mapping[int, Image.Image]]], rows: int,
-          max_side: int = MAX_SIDE) -> Image.Image:
+def sheet(columns: Sequence[tuple[str, Mapping[int, Image.Image]]], rows: int, max_side: int = MAX_SIDE) -> Image.Image:
     """Columns of (name, {row: image}) under a header row of names; every cell the same size."""
     sample = next(iter(columns[0][1].values()))
     w, h = cell_size(sample.width, sample.height, len(columns), rows, max_side)

@@ -29,9 +29,17 @@ class Generations:
         return len(self.images)
 
 
-def generate_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, num_inference_steps: int,
-                  guidance_scale: float, call_kwargs: dict[str, Any] | None = None, desc: str = "generating",
-                  progress: bool = True) -> Generations:
+def generate_grid(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    call_kwargs: dict[str, Any] | None = None,
+    desc: str = "generating",
+    progress: bool = True,
+) -> Generations:
     """One batched pipeline call per prompt (all seeds together), images and final latents kept."""
     out = Generations(list(prompts), list(seeds))
     set_cfg = getattr(pipe, "set_progress_bar_config", None)
@@ -41,16 +49,23 @@ def generate_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, nu
     for pi, prompt in enumerate(tqdm(prompts, desc=desc, disable=not progress)):
         final: dict[str, torch.Tensor] = {}
 
-        def keep_latents(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any],
-                         final: dict[str, torch.Tensor] = final) -> dict[str, Any]:
+        def keep_latents(
+            _pipe: Any, step: int, _t: Any, kwargs: dict[str, Any], final: dict[str, torch.Tensor] = final
+        ) -> dict[str, Any]:
             final["latents"] = kwargs["latents"]
             return kwargs
 
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        result = pipe([prompt] * len(seeds), num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, generator=gens, output_type="pil",
-                      callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"],
-                      **(call_kwargs or {}))
+        result = pipe(
+            [prompt] * len(seeds),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=gens,
+            output_type="pil",
+            callback_on_step_end=keep_latents,
+            callback_on_step_end_tensor_inputs=["latents"],
+            **(call_kwargs or {}),
+        )
         for si, seed in enumerate(seeds):
             out.images[(pi, int(seed))] = result.images[si]
             if "latents" in final:

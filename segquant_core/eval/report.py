@@ -22,8 +22,15 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 def markdown_table(report: EvalReport) -> str:
     attrs = sorted({k for v in report.variants if v.adherence for k in v.adherence})
-    head = ["variant", "PSNR vs fp (dB)", "SSIM vs fp", "latent MSE", *[f"adherence: {a}" for a in attrs],
-            "s/image", "weight bytes"]
+    head = [
+        "variant",
+        "PSNR vs fp (dB)",
+        "SSIM vs fp",
+        "latent MSE",
+        *[f"adherence: {a}" for a in attrs],
+        "s/image",
+        "weight bytes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in report.variants:
         row = [v.variant, _fmt(v.psnr), _fmt(v.ssim, 4), _fmt(v.latent_mse, 5)]
@@ -31,11 +38,13 @@ def markdown_table(report: EvalReport) -> str:
         row += [_fmt(v.seconds_per_image, 3), f"{v.weight_bytes:,}" if v.weight_bytes else "float"]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
-    lines.append(f"{len(report.eval_prompts)} evaluation prompts × {len(report.seeds)} seeds {report.seeds}; "
-                 f"{len(report.calibration_prompts)} calibration prompts (disjoint), "
-                 f"{report.calibration_samples} calibration samples; {report.num_inference_steps} steps, "
-                 f"guidance {report.guidance_scale}"
-                 + (f", {report.width}×{report.height} px." if report.height and report.width else "."))
+    lines.append(
+        f"{len(report.eval_prompts)} evaluation prompts × {len(report.seeds)} seeds {report.seeds}; "
+        f"{len(report.calibration_prompts)} calibration prompts (disjoint), "
+        f"{report.calibration_samples} calibration samples; {report.num_inference_steps} steps, "
+        f"guidance {report.guidance_scale}"
+        + (f", {report.width}×{report.height} px." if report.height and report.width else ".")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -43,9 +52,17 @@ def grid_image(report: EvalReport, max_rows: int = MAX_ROWS, max_side: int = MAX
     """Rows = prompts (first seed), columns = variants; small images enlarged, the sheet ≤ ``max_side`` a side."""
     seed = report.seeds[0]
     rows = min(len(report.eval_prompts), max_rows)
-    columns = [(v.variant, {ri: report.generations[v.variant].images[(ri, seed)] for ri in range(rows)
-                            if (ri, seed) in report.generations[v.variant].images})
-               for v in report.variants]
+    columns = [
+        (
+            v.variant,
+            {
+                ri: report.generations[v.variant].images[(ri, seed)]
+                for ri in range(rows)
+                if (ri, seed) in report.generations[v.variant].images
+            },
+        )
+        for v in report.variants
+    ]
     return sheet(columns, rows, max_side)
 
 

@@ -96,12 +96,23 @@ def shrink_to_grid(gen: Generations, columns: int) -> None:
         gen.images[key] = fit(image, cell_size(image.width, image.height, columns, rows))
 
 
-def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts: Sequence[str],
-             seeds: Sequence[int], *, calibration_prompts: Sequence[str], model_name: str = "model",
-             num_inference_steps: int = 20, guidance_scale: float = 3.0, steps_per_prompt: int = 4,
-             scorer: Scorer | None = None, artifacts_dir: str | Path | None = None,
-             call_kwargs: dict[str, Any] | None = None, progress: bool = True,
-             after_build: Callable[[Any, str], None] | None = None) -> EvalReport:
+def evaluate(
+    load_pipeline: Callable[[], Any],
+    variants: Sequence[str],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    calibration_prompts: Sequence[str],
+    model_name: str = "model",
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    steps_per_prompt: int = 4,
+    scorer: Scorer | None = None,
+    artifacts_dir: str | Path | None = None,
+    call_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+    after_build: Callable[[Any, str], None] | None = None,
+) -> EvalReport:
     """Run every variant (``fp`` first, added if missing) and score it against ``fp``.
 
     ``after_build(pipe, variant)`` runs on each variant's pipeline once it is quantized (or loaded), before it
@@ -111,14 +122,26 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
         raise ValueError("evaluation needs at least one prompt and one seed")
     overlap = set(prompts) & set(calibration_prompts)
     if overlap:
-        raise ValueError(f"{len(overlap)} evaluation prompts are also calibration prompts "
-                         f"(e.g. {sorted(overlap)[0]!r}); they must be disjoint")
+        raise ValueError(
+            f"{len(overlap)} evaluation prompts are also calibration prompts "
+            f"(e.g. {sorted(overlap)[0]!r}); they must be disjoint"
+        )
     names = ["fp", *[v for v in variants if v != "fp"]]
     for name in names:
         recipe(name)  # validate every name before spending minutes on the first
     size = call_kwargs or {}
-    report = EvalReport(model_name, [], list(prompts), list(calibration_prompts), list(seeds),
-                        num_inference_steps, guidance_scale, 0, height=size.get("height"), width=size.get("width"))
+    report = EvalReport(
+        model_name,
+        [],
+        list(prompts),
+        list(calibration_prompts),
+        list(seeds),
+        num_inference_steps,
+        guidance_scale,
+        0,
+        height=size.get("height"),
+        width=size.get("width"),
+    )
     calibration: CalibrationSet | None = None  # captured once from the float pipeline, shared by all variants
     for name in names:
         pipe = load_pipeline()
@@ -131,14 +154,26 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
                 logger.info("eval: loaded %s from %s", name, cached)
             else:
                 if calibration is None:
-                    calibration = capture_calibration(pipe, calibration_prompts,
-                                                      num_inference_steps=num_inference_steps,
-                                                      steps_per_prompt=steps_per_prompt,
-                                                      guidance_scale=guidance_scale, call_kwargs=call_kwargs,
-                                                      progress=progress)
-                result = quantize_pipeline(pipe, name, calibration_prompts, num_inference_steps=num_inference_steps,
-                                           steps_per_prompt=steps_per_prompt, guidance_scale=guidance_scale,
-                                           progress=progress, call_kwargs=call_kwargs, calibration=calibration)
+                    calibration = capture_calibration(
+                        pipe,
+                        calibration_prompts,
+                        num_inference_steps=num_inference_steps,
+                        steps_per_prompt=steps_per_prompt,
+                        guidance_scale=guidance_scale,
+                        call_kwargs=call_kwargs,
+                        progress=progress,
+                    )
+                result = quantize_pipeline(
+                    pipe,
+                    name,
+                    calibration_prompts,
+                    num_inference_steps=num_inference_steps,
+                    steps_per_prompt=steps_per_prompt,
+                    guidance_scale=guidance_scale,
+                    progress=progress,
+                    call_kwargs=call_kwargs,
+                    calibration=calibration,
+                )
                 report.calibration_samples = int(result.calibration.get("samples", 0))
                 if cached is not None:
                     save(denoiser_of(pipe), cached)
@@ -146,22 +181,36 @@ def evaluate(load_pipeline: Callable[[], Any], variants: Sequence[str], prompts:
         quant_s = time.perf_counter() - t0
         if after_build is not None:
             after_build(pipe, name)
-        gen = generate_grid(pipe, prompts, seeds, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, call_kwargs=call_kwargs, desc=f"generating [{name}]",
-                            progress=progress)
+        gen = generate_grid(
+            pipe,
+            prompts,
+            seeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            call_kwargs=call_kwargs,
+            desc=f"generating [{name}]",
+            progress=progress,
+        )
         report.generations[name] = gen
         ref = report.generations["fp"]
         keys = sorted(gen.images)
         p = [psnr(ref.images[k], gen.images[k]) for k in keys]
         s = [ssim(ref.images[k], gen.images[k]) for k in keys]
         lat = [latent_mse(ref.latents[k], gen.latents[k]) for k in keys if k in gen.latents and k in ref.latents]
-        report.variants.append(VariantResult(
-            variant=name, psnr=mean_finite(p), ssim=sum(s) / len(s),
-            latent_mse=sum(lat) / len(lat) if lat else float("nan"),
-            adherence=_adherence(gen, scorer) if scorer else None,
-            seconds_per_image=gen.seconds / max(gen.count, 1), quantize_seconds=quant_s if name != "fp" else 0.0,
-            weight_bytes=summary.get("quantized_bytes"), float_weight_bytes=summary.get("float_bytes"),
-            summary=summary))
+        report.variants.append(
+            VariantResult(
+                variant=name,
+                psnr=mean_finite(p),
+                ssim=sum(s) / len(s),
+                latent_mse=sum(lat) / len(lat) if lat else float("nan"),
+                adherence=_adherence(gen, scorer) if scorer else None,
+                seconds_per_image=gen.seconds / max(gen.count, 1),
+                quantize_seconds=quant_s if name != "fp" else 0.0,
+                weight_bytes=summary.get("quantized_bytes"),
+                float_weight_bytes=summary.get("float_bytes"),
+                summary=summary,
+            )
+        )
         if name != "fp":
             shrink_to_grid(gen, len(names))
         del pipe

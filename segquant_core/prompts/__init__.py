@@ -43,8 +43,14 @@ def _own(pipe: Any, attr: str, *args: Any) -> list[str] | None:
     return list(fn(*args)) if callable(fn) else None
 
 
-def choose_prompts(pipe: Any, count: int, *, given: Sequence[str] | None = None, purpose: str = "calibration",
-                   log: Callable[[str], None] | None = None) -> list[str]:
+def choose_prompts(
+    pipe: Any,
+    count: int,
+    *,
+    given: Sequence[str] | None = None,
+    purpose: str = "calibration",
+    log: Callable[[str], None] | None = None,
+) -> list[str]:
     """``count`` prompts for ``purpose`` ("calibration" or "evaluation"), and one line saying where they came from.
 
     Order: ``given`` (a file the user named), the pipeline's own ``default_calibration_prompts()`` /

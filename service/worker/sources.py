@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from service.pipeline_folder import load_pipeline_folder, read_model_index
 from segquant_core.prompts import choose_prompts, fit_count
+from service.pipeline_folder import load_pipeline_folder, read_model_index
 
 logger = logging.getLogger(__name__)
 
@@ -76,5 +76,6 @@ def calibration_prompts(source: str, pipe: Any, count: int, prompts_file: Path |
 
         logger.info("calibration prompts for %s: the Shapes models' calibration split", source)
         return fit_count(segquant_shapes.calibration_prompts(count), count)
-    return choose_prompts(pipe, count, given=given, purpose="calibration",
-                          log=lambda line: logger.info("%s: %s", source, line))
+    return choose_prompts(
+        pipe, count, given=given, purpose="calibration", log=lambda line: logger.info("%s: %s", source, line)
+    )

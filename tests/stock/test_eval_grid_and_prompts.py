@@ -60,15 +60,22 @@ def test_default_prompt_sets_are_big_varied_and_disjoint() -> None:
     assert lines == ["calibration prompts: 10 distinct from the default general-purpose calibration set"]
 
 
-def test_calibration_silences_the_pipelines_progress_bars(stock_dirs: dict[str, Path],
-                                                          capfd: pytest.CaptureFixture[str]) -> None:
+def test_calibration_silences_the_pipelines_progress_bars(
+    stock_dirs: dict[str, Path], capfd: pytest.CaptureFixture[str]
+) -> None:
     import segquant_core as sq
     from segquant_cli.models import load_pipeline
 
     pipe = load_pipeline(stock_dirs["sd3-no-t5"])
     capfd.readouterr()
-    calib = sq.capture_calibration(pipe, ["a cat", "a dog"], num_inference_steps=3, steps_per_prompt=1,
-                                   call_kwargs={"height": 32, "width": 32}, progress=False)
+    calib = sq.capture_calibration(
+        pipe,
+        ["a cat", "a dog"],
+        num_inference_steps=3,
+        steps_per_prompt=1,
+        call_kwargs={"height": 32, "width": 32},
+        progress=False,
+    )
     assert len(calib) == 2 and calib.describe()["height"] == 32
     err = capfd.readouterr().err
     assert "it/s" not in err and "%|" not in err, err  # no diffusers progress bar per calibration prompt

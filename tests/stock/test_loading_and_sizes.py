@@ -20,8 +20,10 @@ from tests.stock.conftest import KINDS
 def test_sd3_saved_without_t5_loads_in_the_cli_and_the_service(stock_dirs: dict[str, Path]) -> None:
     from segquant_cli.models import load_pipeline
 
-    for pipe in (load_pipeline(stock_dirs["sd3-no-t5"]),
-                 load_source(str(stock_dirs["sd3-no-t5"]), torch.float32, "cpu")):
+    for pipe in (
+        load_pipeline(stock_dirs["sd3-no-t5"]),
+        load_source(str(stock_dirs["sd3-no-t5"]), torch.float32, "cpu"),
+    ):
         assert type(pipe).__name__ == "StableDiffusion3Pipeline"
         assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None and pipe.transformer is not None
 
@@ -36,12 +38,14 @@ def test_drop_components_takes_the_tokenizer_too(stock_dirs: dict[str, Path]) ->
     assert image.size == (32, 32)
 
 
-@pytest.mark.parametrize(("drop", "reason"), [(["text_encoder_9"], "is not a component"),
-                                              (["transformer"], "cannot be dropped")])
+@pytest.mark.parametrize(
+    ("drop", "reason"), [(["text_encoder_9"], "is not a component"), (["transformer"], "cannot be dropped")]
+)
 def test_registry_refuses_bad_drop_components(stock_dirs: dict[str, Path], drop: list[str], reason: str) -> None:
     with pytest.raises(ValueError, match=reason) as err:
-        ModelSpec.model_validate({"name": "m", "source": str(stock_dirs["sd3"]), "drop_components": drop,
-                                  "variants": ["fp"]})
+        ModelSpec.model_validate(
+            {"name": "m", "source": str(stock_dirs["sd3"]), "drop_components": drop, "variants": ["fp"]}
+        )
     assert "drop_components" in str(err.value) and drop[0] in str(err.value)
 
 
@@ -90,15 +94,17 @@ def test_size_rules_read_the_configs(stock_dirs: dict[str, Path]) -> None:
 
 
 def test_partial_sizes_keep_the_derived_step(stock_dirs: dict[str, Path]) -> None:
-    spec = ModelSpec.model_validate({"name": "f", "source": str(stock_dirs["flux"]), "sizes": {"default": 256},
-                                     "variants": ["fp", "w8a8-segquant"]})
+    spec = ModelSpec.model_validate(
+        {"name": "f", "source": str(stock_dirs["flux"]), "sizes": {"default": 256}, "variants": ["fp", "w8a8-segquant"]}
+    )
     assert (spec.size_rule.multiple_of, spec.size_rule.default) == (16, 256)
     cal = spec.variant("w8a8-segquant").calibration
     assert cal.call_kwargs == {"height": 256, "width": 256} and cal.guidance_scale == spec.defaults.guidance_scale
 
 
 def test_stock_models_calibrate_on_the_general_set_never_the_shapes_prompts(
-        stock_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    stock_dirs: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     import segquant_shapes
     from segquant_core.prompts import general_calibration_prompts
 

@@ -23,19 +23,28 @@ CALIB = {"samples": 2, "steps_per_prompt": 1}
 
 def _registry(dirs: dict[str, Path]) -> list[dict[str, Any]]:
     return [
-        {"name": "sd3-no-t5", "source": str(dirs["sd3-no-t5"]), "defaults": FAST,
-         "variants": ["fp", {"name": "int8", "recipe": "w8a8-segquant", "calibration": CALIB}]},
-        {"name": "sd3-drop", "source": str(dirs["sd3"]), "drop_components": ["text_encoder_3"], "defaults": FAST,
-         "variants": ["fp"]},
-        {"name": "flux", "source": str(dirs["flux"]), "sizes": {"default": 64}, "defaults": FAST,
-         "variants": ["fp"]},
+        {
+            "name": "sd3-no-t5",
+            "source": str(dirs["sd3-no-t5"]),
+            "defaults": FAST,
+            "variants": ["fp", {"name": "int8", "recipe": "w8a8-segquant", "calibration": CALIB}],
+        },
+        {
+            "name": "sd3-drop",
+            "source": str(dirs["sd3"]),
+            "drop_components": ["text_encoder_3"],
+            "defaults": FAST,
+            "variants": ["fp"],
+        },
+        {"name": "flux", "source": str(dirs["flux"]), "sizes": {"default": 64}, "defaults": FAST, "variants": ["fp"]},
         {"name": "sdxl", "source": str(dirs["sdxl"]), "defaults": FAST, "variants": ["fp"]},
     ]
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def served(tmp_path_factory: pytest.TempPathFactory,
-                 stock_dirs: dict[str, Path]) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
+async def served(
+    tmp_path_factory: pytest.TempPathFactory, stock_dirs: dict[str, Path]
+) -> AsyncIterator[tuple[httpx.AsyncClient, Path]]:
     root = tmp_path_factory.mktemp("stock-service")
     settings = make_settings(root, models=_registry(stock_dirs), worker={"max_loaded_variants": 8})
     async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=300) as c:
@@ -54,8 +63,14 @@ async def test_models_lists_components_sizes_and_calibration(served: tuple[httpx
     assert models["flux"]["sizes"] == {"multiple_of": 16, "min": 16, "max": 2048, "default": 64}
     assert models["sd3-no-t5"]["sizes"]["multiple_of"] == 4  # 2× tiny VAE × patch 2, not 8 × 2
     int8 = next(v for v in models["sd3-no-t5"]["variants"] if v["name"] == "int8")
-    assert int8["calibration"] == {"height": 64, "width": 64, "num_inference_steps": 2, "guidance_scale": 2.5,
-                                   "samples": 2, "steps_per_prompt": 1}
+    assert int8["calibration"] == {
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": 2.5,
+        "samples": 2,
+        "steps_per_prompt": 1,
+    }
 
 
 @pytest.mark.parametrize("model", ["sd3-no-t5", "sd3-drop", "sdxl"])
@@ -66,11 +81,12 @@ async def test_generate_fp(served: tuple[httpx.AsyncClient, Path], model: str) -
     assert decode_image(r.json()["images"][0]["b64_json"]).size == (64, 64)
 
 
-async def test_generate_quantized_variant_built_at_serving_conditions(
-        served: tuple[httpx.AsyncClient, Path]) -> None:
+async def test_generate_quantized_variant_built_at_serving_conditions(served: tuple[httpx.AsyncClient, Path]) -> None:
     client, cache = served
-    r = await client.post("/generate", json={"prompt": "a cat", "model": "sd3-no-t5", "variant": "int8",
-                                             "seed": 3, "width": 32, "height": 48})
+    r = await client.post(
+        "/generate",
+        json={"prompt": "a cat", "model": "sd3-no-t5", "variant": "int8", "seed": 3, "width": 32, "height": 48},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["variant"] == "int8"
     assert decode_image(r.json()["images"][0]["b64_json"]).size == (32, 48)
@@ -84,7 +100,16 @@ async def test_flux_sizes_are_exact_or_refused(served: tuple[httpx.AsyncClient, 
     assert r.status_code == 422
     assert "width" in r.text and "multiple of 16" in r.text
     for size in (512, 1024):
-        r = await client.post("/generate", json={"prompt": "a cat", "model": "flux", "width": size, "height": size,
-                                                 "num_inference_steps": 1, "seed": 0})
+        r = await client.post(
+            "/generate",
+            json={
+                "prompt": "a cat",
+                "model": "flux",
+                "width": size,
+                "height": size,
+                "num_inference_steps": 1,
+                "seed": 0,
+            },
+        )
         assert r.status_code == 200, r.text
         assert decode_image(r.json()["images"][0]["b64_json"]).size == (size, size)
