@@ -28,7 +28,8 @@ def merge(statuses: list[VariantStatus]) -> VariantStatus | None:
     peaks = [s.peak_memory_bytes for s in statuses if s.peak_memory_bytes]
     best.peak_memory_bytes = max(peaks) if peaks else None
     best.weight_bytes = best.weight_bytes or next((s.weight_bytes for s in statuses if s.weight_bytes), None)
-    best.shared_bytes = best.shared_bytes or next((s.shared_bytes for s in statuses if s.shared_bytes), None)
+    if best.shared_bytes is None:  # 0 is a real figure (a model without shared modules)
+        best.shared_bytes = next((s.shared_bytes for s in statuses if s.shared_bytes is not None), None)
     return best
 
 
