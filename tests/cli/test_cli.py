@@ -65,6 +65,10 @@ def test_quantize_writes_artifact_and_summary(tiny_pipe_dir: Path, tmp_path: Pat
     adaln = manifest["layers"]["transformer_blocks.0.norm1.linear"]
     assert adaln["activation"]["dual"] is True and len(adaln["segments"]["sizes"]) == 6
     assert manifest["calibration"]["samples"] == 4
+    # a self-contained checkpoint (format 2): it loads without the float model
+    assert manifest["format_version"] == 2 and (out_dir / "config.json").is_file()
+    loaded = sq.load_denoiser(out_dir)
+    assert type(loaded).__name__ == "SD3Transformer2DModel" and loaded.proj_out.weight.device.type == "cpu"
 
 
 @pytest.mark.parametrize("argv, needle", [
