@@ -106,7 +106,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
         if kind == "fp":
             from diffusers import SD3Transformer2DModel
 
-            models.append(SD3Transformer2DModel.from_pretrained(path, torch_dtype=torch.bfloat16).to(device).eval())
+            models.append(SD3Transformer2DModel.from_pretrained(path, dtype=torch.bfloat16).to(device).eval())
         else:
             models.append(sq.load_denoiser(path, device=device, dtype=torch.bfloat16))
     gc.collect()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import inspect
 import logging
 import math
 import threading
@@ -641,12 +642,16 @@ class Engine:
             on_step(step_index + 1, int(getattr(pipe, "_num_timesteps", steps) or steps))
             return callback_kwargs
 
+        pipe = lv.pipeline()
+        extra: dict[str, Any] = {}
+        if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
+            extra["use_resolution_binning"] = False  # PixArt: render the asked size, never a silent resize
         with lv.lock:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             clock[0] = start
-            out = lv.pipeline()(
+            out = pipe(
                 prompt=prompts,
                 negative_prompt=negatives if any(negatives) else None,
                 num_inference_steps=steps,
@@ -657,6 +662,7 @@ class Engine:
                 num_images_per_prompt=1,
                 output_type="pil",
                 callback_on_step_end=callback,
+                **extra,
             )
             stats.inference_s = time.perf_counter() - start
             if cuda:

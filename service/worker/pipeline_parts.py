@@ -94,7 +94,7 @@ class SharedParts:
             ):
                 model_class = getattr(importlib.import_module(entry[0]), entry[1])
                 model = model_class.from_pretrained(
-                    str(folder), subfolder=self.denoiser_name, torch_dtype=self.dtype, use_safetensors=True
+                    str(folder), subfolder=self.denoiser_name, dtype=self.dtype, use_safetensors=True
                 )
                 return model.to(self.device).eval()
         return sq.denoiser_of(_load(self.source, self.dtype, self.device, self.drop_components))
