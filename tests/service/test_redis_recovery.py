@@ -69,8 +69,9 @@ async def test_heartbeat_keeps_a_live_job_from_being_reclaimed(redis_url: str, k
     await q.close()
 
 
-async def reclaim_when_idle(q: RedisQueue, consumer: str, *, min_idle_s: float, count: int,
-                            timeout: float = 30.0) -> list[Delivery]:
+async def reclaim_when_idle(
+    q: RedisQueue, consumer: str, *, min_idle_s: float, count: int, timeout: float = 30.0
+) -> list[Delivery]:
     """Reclaim as soon as something has been idle long enough (a condition with a deadline, not a sleep)."""
     deadline = time.monotonic() + timeout
     while True:
