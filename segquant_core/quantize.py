@@ -29,7 +29,7 @@ from segquant_core.calibrate.build import LayerReport, build_seglinear
 from segquant_core.calibrate.capture import CalibrationSet, run_calls
 from segquant_core.calibrate.input_store import InputStore, default_budget_bytes
 from segquant_core.calibrate.observer import InputObserver
-from segquant_core.calibrate.sequential import run_sequential
+from segquant_core.calibrate.sequential import UnitRunsAgain, run_sequential
 from segquant_core.detect.plan import LayerPlan, Plan
 from segquant_core.recipes import LayerSpec, Recipe
 from segquant_core.recipes import recipe as resolve_recipe
@@ -187,38 +187,33 @@ def quantize(
     was_training = model.training
     model.eval()
     try:
+        fallback_reason = None
         if sequential:
-            units = find_units(model, targets)
-            bar = tqdm(total=len(units), desc=f"calibrating ({r.name})", unit="block", disable=not progress)
-
-            finished = [0]
-
-            def unit_done(unit: Unit) -> None:
-                calibrator.end_unit(unit)
-                finished[0] += 1
-                bar.update(1)
-                if on_progress:
-                    on_progress("calibrate", finished[0], len(units))
-
-            device = next(model.parameters()).device
-            budget = input_budget_bytes if input_budget_bytes is not None else default_budget_bytes(device)
-            store = InputStore(budget, model, protected=calls, spill_dir=spill_dir)
-            with bar:
-                run = run_sequential(
-                    model, calls, units, begin=calibrator.begin_unit, enter=calibrator.enter, end=unit_done, store=store
+            try:
+                result.calibration_run = _calibrate_block_by_block(
+                    model,
+                    calls,
+                    calibrator,
+                    recipe_name=r.name,
+                    progress=progress,
+                    on_progress=on_progress,
+                    input_budget_bytes=input_budget_bytes,
+                    spill_dir=spill_dir,
                 )
-            result.calibration_run = {
-                "mode": "sequential",
-                "units": run.order,
-                "peak_input_bytes": run.peak_input_bytes,
-                "spilled_bytes": run.spilled_bytes,
-                "input_budget_bytes": budget,
-            }
-            if on_progress and finished[0] < len(units):  # units no call reached count as done
-                on_progress("calibrate", len(units), len(units))
-        else:
+            except UnitRunsAgain as e:
+                # A module reused within one forward (weight sharing) cannot be calibrated block by block; the
+                # model is still untouched (layers are swapped only at the end), so start over in one pass.
+                logger.warning("%s: calibrating with one whole-model pass instead", e)
+                calibrator.close()
+                calibrator = _Calibrator(
+                    targets, specs, result, rows_per_call=rows_per_call, seed=seed, calls=len(calls)
+                )
+                sequential, fallback_reason = False, str(e)
+        if not sequential:
             calibrator.whole_model(model, calls, progress=progress, on_progress=on_progress)
             result.calibration_run = {"mode": "whole-model"}
+            if fallback_reason:
+                result.calibration_run["fallback_reason"] = fallback_reason
     finally:
         calibrator.close()
         model.train(was_training)
@@ -253,6 +248,50 @@ def quantize(
         len(result.excluded),
     )
     return result
+
+
+def _calibrate_block_by_block(
+    model: nn.Module,
+    calls: list[dict[str, Any]],
+    calibrator: _Calibrator,
+    *,
+    recipe_name: str,
+    progress: bool,
+    on_progress: ProgressFn | None,
+    input_budget_bytes: int | None,
+    spill_dir: str | Path | None,
+) -> dict[str, Any]:
+    """Run every call through the denoiser one unit at a time, building each unit's layers as it passes.
+
+    Returns the run's record (``QuantizationResult.calibration_run``); raises :class:`UnitRunsAgain` when
+    the forward enters a unit twice.
+    """
+    units = find_units(model, calibrator.targets)
+    finished = [0]
+    with tqdm(total=len(units), desc=f"calibrating ({recipe_name})", unit="block", disable=not progress) as bar:
+
+        def unit_done(unit: Unit) -> None:
+            calibrator.end_unit(unit)
+            finished[0] += 1
+            bar.update(1)
+            if on_progress:
+                on_progress("calibrate", finished[0], len(units))
+
+        device = next(model.parameters()).device
+        budget = input_budget_bytes if input_budget_bytes is not None else default_budget_bytes(device)
+        store = InputStore(budget, model, protected=calls, spill_dir=spill_dir)
+        run = run_sequential(
+            model, calls, units, begin=calibrator.begin_unit, enter=calibrator.enter, end=unit_done, store=store
+        )
+    if on_progress and finished[0] < len(units):  # units no call reached count as done
+        on_progress("calibrate", len(units), len(units))
+    return {
+        "mode": "sequential",
+        "units": run.order,
+        "peak_input_bytes": run.peak_input_bytes,
+        "spilled_bytes": run.spilled_bytes,
+        "input_budget_bytes": budget,
+    }
 
 
 class _Calibrator:

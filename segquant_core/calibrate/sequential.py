@@ -71,6 +71,10 @@ def release_freed_host_memory(force: bool = False) -> None:
         _last_trim_rss[0] = _rss_bytes()
 
 
+class UnitRunsAgain(RuntimeError):
+    """A unit is entered again after it was calibrated: a module the forward calls more than once."""
+
+
 class _Aborted(BaseException):
     """Unwinds a paused worker when the run stops early (not an error of the model)."""
 
@@ -182,7 +186,7 @@ def run_sequential(
 ) -> SequentialRun:
     """Drive ``calls`` through ``model`` unit by unit: ``begin(unit)``, ``enter`` per call, ``end(unit)``.
 
-    Raises whatever a call's forward raised (with its traceback), or a ``RuntimeError`` when a call comes
+    Raises whatever a call's forward raised (with its traceback), or :class:`UnitRunsAgain` when a call comes
     back to a unit that was already finished (a module run twice per forward cannot be a unit).
     """
     run = SequentialRun()
@@ -198,9 +202,9 @@ def run_sequential(
             name = waiting[0].unit
             assert name is not None
             if name in finished:
-                raise RuntimeError(
+                raise UnitRunsAgain(
                     f"{name} runs again after it was calibrated (a module called more than once "
-                    "per forward cannot be a calibration unit); use sequential=False"
+                    "per forward cannot be a calibration unit)"
                 )
             unit = step.units[name]
             begin(unit)

@@ -19,7 +19,9 @@ from torch import nn
 
 from segquant_core import Plan, SegLinear, detect, quantize, quantize_pipeline
 from segquant_core.calibrate.blocks import execution_order, find_units
+from segquant_core.calibrate.input_store import InputStore
 from segquant_core.calibrate.observer import InputObserver
+from segquant_core.calibrate.sequential import UnitRunsAgain, run_sequential
 
 from .conftest import SEG_LAYERS, SegToy, TinyPipeline, gen, seg_calls, seg_plan
 
@@ -278,12 +280,28 @@ class _Reuses(nn.Module):
         return self.a(torch.relu(self.a(x)))
 
 
-def test_module_run_twice_per_forward_is_a_clear_error() -> None:
+def test_module_run_twice_per_forward_falls_back_to_one_whole_model_pass() -> None:
     calls = [{"x": torch.randn(3, 8, generator=gen(i))} for i in range(2)]
-    with pytest.raises(RuntimeError, match=r"runs again after it was calibrated.*sequential=False"):
-        quantize(_Reuses(), "w8a8", calls, progress=False)
-    r = quantize(_Reuses(), "w8a8", calls, progress=False, sequential=False)
-    assert list(r.layers) == ["a"]
+    model = _Reuses()
+    with pytest.raises(UnitRunsAgain, match=r"runs again after it was calibrated"):
+        run_sequential(
+            model,
+            calls,
+            find_units(model, ["a"]),
+            begin=lambda u: None,
+            enter=lambda *a: None,
+            end=lambda u: None,
+            store=InputStore(1 << 30, model),
+        )
+    a, b = _Reuses(), _Reuses()
+    b.load_state_dict(a.state_dict())
+    fell_back = quantize(a, "w8a8-smooth", calls, progress=False)
+    reference = quantize(b, "w8a8-smooth", calls, progress=False, sequential=False)
+    assert fell_back.calibration_run["mode"] == "whole-model"
+    assert "runs again" in fell_back.calibration_run["fallback_reason"]
+    assert list(fell_back.layers) == list(reference.layers) == ["a"]
+    with torch.no_grad():
+        assert torch.equal(a(**calls[0]), b(**calls[0]))
 
 
 def test_forward_error_propagates_and_leaves_nothing_behind() -> None:
