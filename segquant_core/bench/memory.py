@@ -28,35 +28,13 @@ from typing import Any
 
 import torch
 
-# stabilityai/stable-diffusion-3.5-medium transformer/config.json (num_layers is the --layers argument)
-SD35_MEDIUM: dict[str, Any] = {
-    "attention_head_dim": 64,
-    "caption_projection_dim": 1536,
-    "in_channels": 16,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 24,
-    "out_channels": 16,
-    "patch_size": 2,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "qk_norm": "rms_norm",
-    "sample_size": 128,
-    "dual_attention_layers": list(range(13)),
-}
+from segquant_core.bench.real_configs import build_on_meta, sd35_medium_config
+
 RECIPES = ("w8a8-segquant", "w4a8-segquant")
 # Targets (issue 13): load peak ≤ baseline + LOAD_FACTOR × checkpoint bytes; serving the three ≤ baseline +
 # shared parts + SERVE_FACTOR × Σ denoiser bytes.
 LOAD_FACTOR = 1.2
 SERVE_FACTOR = 1.15
-
-
-def sd35_medium_config(layers: int) -> dict[str, Any]:
-    if not 1 <= layers <= 24:
-        raise ValueError(f"--layers must be between 1 and 24 (SD3.5-medium has 24 blocks), got {layers}")
-    cfg = dict(SD35_MEDIUM, num_layers=layers)
-    cfg["dual_attention_layers"] = [i for i in SD35_MEDIUM["dual_attention_layers"] if i < layers]
-    return cfg
 
 
 def _file_bytes(folder: Path) -> int:
@@ -201,43 +179,9 @@ if __name__ == "__main__":
     sys.stdout.write(json.dumps(probe(json.loads(sys.argv[1]))) + "\n")
 
 
-# Real configs (diffusers transformer/config.json) for the COMPUTED serving figures; text encoders and VAE
-# by parameter count (CLIP-L 123.1M, CLIP-G 694.7M, T5-XXL encoder 4,762.3M, VAE 83.7M), all bf16.
-REAL_DENOISERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "SD3.5-medium": ("SD3Transformer2DModel", SD35_MEDIUM),
-    "SD3.5-large": (
-        "SD3Transformer2DModel",
-        {
-            "attention_head_dim": 64,
-            "caption_projection_dim": 2432,
-            "in_channels": 16,
-            "joint_attention_dim": 4096,
-            "num_attention_heads": 38,
-            "num_layers": 38,
-            "out_channels": 16,
-            "patch_size": 2,
-            "pooled_projection_dim": 2048,
-            "pos_embed_max_size": 192,
-            "qk_norm": "rms_norm",
-            "sample_size": 128,
-        },
-    ),
-    "Flux.1-dev": (
-        "FluxTransformer2DModel",
-        {
-            "attention_head_dim": 128,
-            "guidance_embeds": True,
-            "in_channels": 64,
-            "joint_attention_dim": 4096,
-            "num_attention_heads": 24,
-            "num_layers": 19,
-            "num_single_layers": 38,
-            "patch_size": 1,
-            "pooled_projection_dim": 768,
-            "axes_dims_rope": [16, 56, 56],
-        },
-    ),
-}
+# Text encoders and VAE by parameter count (CLIP-L 123.1M, CLIP-G 694.7M, T5-XXL encoder 4,762.3M, VAE 83.7M),
+# all bf16; the denoisers come from their real configs (:mod:`.real_configs`).
+REAL_DENOISERS = {"SD3.5-medium": "sd3.5-medium", "SD3.5-large": "sd3.5-large", "Flux.1-dev": "flux.1-dev"}
 SHARED_PARAMS = {
     "SD3.5-medium": 123.1e6 + 694.7e6 + 4762.3e6 + 83.7e6,
     "SD3.5-large": 123.1e6 + 694.7e6 + 4762.3e6 + 83.7e6,
@@ -254,11 +198,7 @@ def computed_serving_bytes(name: str) -> dict[str, Any]:
     so W4 is resident at 1 byte per weight; it is 0.5 byte on disk), fp32 per-column scales, fp32 bias,
     smoothing vectors; everything else bf16.
     """
-    import diffusers
-
-    cls_name, cfg = REAL_DENOISERS[name]
-    with torch.device("meta"):
-        model = getattr(diffusers, cls_name).from_config(cfg)
+    model = build_on_meta(REAL_DENOISERS[name])
     linear_w = linear_cols = linear_k = 0
     other = 0
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

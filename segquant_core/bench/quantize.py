@@ -24,26 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from segquant_core.bench.real_configs import sd35_medium_config
 from segquant_core.bench.timing import current_peak_rss_bytes, reset_peak_rss
 from segquant_core.quantize import QuantizationResult, quantize
 from segquant_core.seglinear import SegLinear
-
-# Public config.json of stabilityai/stable-diffusion-3.5-medium's transformer (see REAL_SIZE.md).
-SD35_MEDIUM = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "qk_norm": "rms_norm",
-    "dual_attention_layers": tuple(range(13)),
-}
 
 
 def current_rss_bytes() -> int:
@@ -59,8 +43,7 @@ def random_sd35_medium(layers: int, seed: int = 0) -> nn.Module:
     """SD3.5-medium's transformer with ``layers`` blocks, random weights, built directly in bf16."""
     from diffusers import SD3Transformer2DModel
 
-    cfg = dict(SD35_MEDIUM, num_layers=layers)
-    cfg["dual_attention_layers"] = tuple(i for i in SD35_MEDIUM["dual_attention_layers"] if i < layers)
+    cfg = sd35_medium_config(layers)
     torch.manual_seed(seed)
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # no fp32 copy of the weights is ever made

@@ -1,9 +1,10 @@
 """Golden plans on the FULL-size configs of SD3.5-medium, SD3.5-large, Flux.1-dev, SDXL's UNet and PixArt-Σ.
 
-The models are built on the meta device (:mod:`real_size_configs`), so no weights or memory are needed, and the
-whole depth is detected (one forward on meta tensors, 1-2 s each with the dispatch recorder). Per model the test
-asserts the counts of linears, out-segmented, in-segmented (ragged ones named) and DualScale layers, the plan of
-every top-level linear, and the plan of one block of each kind, which every block of that kind must equal.
+The models are built on the meta device (:mod:`segquant_core.bench.real_configs`), so no weights or memory are
+needed, and the whole depth is detected (one forward on meta tensors, 1-2 s each with the dispatch recorder).
+Per model the test asserts the counts of linears, out-segmented, in-segmented (ragged ones named) and DualScale
+layers, the plan of every top-level linear, and the plan of one block of each kind, which every block of that
+kind must equal.
 Export-based capture (the default) is checked to give the same plan on meta for SD3.5-medium; it is 5-15 s per
 model, so the other four are detected with the dispatch recorder only (the two methods are compared on all four
 families at tiny size in ``test_detect_models.py``).
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from real_size_configs import build_on_meta
 
+from segquant_core.bench.real_configs import build_on_meta
 from segquant_core.detect import Plan, detect
 
 Seg = tuple[str, list[int]] | None

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from segquant_core.bench.real_configs import SD35_MEDIUM
 from service.registry import Registry, VariantKey
 from service.worker import memory
 from service.worker.build_progress import BuildTracker
@@ -20,22 +21,6 @@ from service.worker.engine import ArtifactMissingError, Engine, Sample
 from tests.service.helpers import make_settings
 from tests.stock.builders import save_stock_pipeline
 
-# The real SD3.5-medium transformer config (docs: ../shared/reference/REAL_SIZE.md).
-SD35_MEDIUM = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "qk_norm": "rms_norm",
-    "dual_attention_layers": list(range(13)),
-}
 CALIBRATION = {"samples": 2, "num_inference_steps": 2, "steps_per_prompt": 1}
 
 

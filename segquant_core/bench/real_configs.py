@@ -1,4 +1,7 @@
-"""Full-size denoiser configs, as the public diffusers ``config.json`` files have them, built on the meta device.
+"""The denoisers users bring, at full size: their public diffusers ``config.json`` values, built on the meta device.
+
+One source for every place that measures or checks at real shapes: the real-size golden plans
+(tests/detect), ``segquant bench quantize|memory`` (reduced depth) and the computed serving figures.
 
 Values follow ``shared/reference/REAL_SIZE.md`` and the public repositories' ``config.json`` (written here from
 those files' contents; this machine has no model hub, so they were not re-downloaded). The PixArt-Σ file is a
@@ -151,6 +154,15 @@ REAL_SIZE_MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "sdxl-unet": (UNet2DConditionModel, SDXL_UNET),
     "pixart-sigma-1024": (PixArtTransformer2DModel, PIXART_SIGMA_1024),
 }
+
+
+def sd35_medium_config(layers: int = 24) -> dict[str, Any]:
+    """SD3.5-medium's config with its depth reduced to ``layers`` blocks (dual attention kept where it falls)."""
+    if not 1 <= layers <= 24:
+        raise ValueError(f"--layers must be between 1 and 24 (SD3.5-medium has 24 blocks), got {layers}")
+    cfg = dict(SD35_MEDIUM, num_layers=layers)
+    cfg["dual_attention_layers"] = [i for i in SD35_MEDIUM["dual_attention_layers"] if i < layers]
+    return cfg
 
 
 def build_on_meta(name: str) -> nn.Module:
