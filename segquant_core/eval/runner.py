@@ -61,6 +61,7 @@ class EvalReport:
     generations: dict[str, Generations] = field(default_factory=dict, repr=False)
     height: int | None = None  # None: the pipeline's default size
     width: int | None = None
+    unscored_prompts: list[str] = field(default_factory=list)  # prompts the adherence scorer cannot read
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,16 +75,31 @@ class EvalReport:
             "height": self.height,
             "width": self.width,
             "eval_prompts": self.eval_prompts,
+            "unscored_prompts": self.unscored_prompts,
             "variants": [v.to_dict() for v in self.variants],
         }
 
 
-def _adherence(gen: Generations, scorer: Scorer) -> dict[str, float]:
+def _adherence(gen: Generations, scorer: Scorer) -> tuple[dict[str, float], list[str]]:
+    """Mean per-attribute adherence over the prompts the scorer can read, and the prompts it cannot.
+
+    A scorer raises ``ValueError`` for a prompt it cannot parse (the shapes analyser needs a background,
+    and a colour, size and position per shape): such prompts are left unscored instead of stopping the
+    evaluation; PSNR, SSIM and latent MSE still cover them.
+    """
     totals: dict[str, list[bool]] = {}
+    unscored: set[int] = set()
     for (pi, _seed), image in gen.images.items():
-        for key, ok in scorer(image, gen.prompts[pi]).items():
+        if pi in unscored:
+            continue
+        try:
+            verdict = scorer(image, gen.prompts[pi])
+        except ValueError:
+            unscored.add(pi)
+            continue
+        for key, ok in verdict.items():
             totals.setdefault(key, []).append(bool(ok))
-    return {k: sum(v) / len(v) for k, v in sorted(totals.items())}
+    return {k: sum(v) / len(v) for k, v in sorted(totals.items())}, [gen.prompts[i] for i in sorted(unscored)]
 
 
 def shrink_to_grid(gen: Generations, columns: int) -> None:
@@ -197,13 +213,24 @@ def evaluate(
         p = [psnr(ref.images[k], gen.images[k]) for k in keys]
         s = [ssim(ref.images[k], gen.images[k]) for k in keys]
         lat = [latent_mse(ref.latents[k], gen.latents[k]) for k in keys if k in gen.latents and k in ref.latents]
+        adherence = None
+        if scorer:
+            adherence, unscored = _adherence(gen, scorer)
+            if unscored and not report.unscored_prompts:
+                logger.warning(
+                    "adherence not scored for %d of %d prompts the scorer cannot read (e.g. %r)",
+                    len(unscored),
+                    len(gen.prompts),
+                    unscored[0],
+                )
+            report.unscored_prompts = unscored
         report.variants.append(
             VariantResult(
                 variant=name,
                 psnr=mean_finite(p),
                 ssim=sum(s) / len(s),
                 latent_mse=sum(lat) / len(lat) if lat else float("nan"),
-                adherence=_adherence(gen, scorer) if scorer else None,
+                adherence=adherence,
                 seconds_per_image=gen.seconds / max(gen.count, 1),
                 quantize_seconds=quant_s if name != "fp" else 0.0,
                 weight_bytes=summary.get("quantized_bytes"),

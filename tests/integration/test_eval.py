@@ -47,3 +47,24 @@ def test_eval_rejects_overlapping_prompt_sets(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="disjoint"):
         evaluate(lambda: None, ["fp"], ["a red circle"], [0], calibration_prompts=["a red circle"])
+
+
+def test_eval_leaves_prompts_the_analyser_cannot_read_unscored(tmp_path: Path) -> None:
+    """A prompt without a position cannot be scored for adherence; it still gets PSNR/SSIM (issue 16 item 7)."""
+    pipe_dir = tmp_path / "tiny"
+    segquant_shapes.tiny_random_pipeline("mmdit", seed=0).save_pretrained(pipe_dir)
+    prompts = tmp_path / "prompts.txt"
+    readable = "a small red circle in the top left on a blue background"
+    unreadable = "a red circle on a white background"
+    prompts.write_text(f"{readable}\n{unreadable}\n")
+    out = tmp_path / "report"
+    rc = main(["eval", str(pipe_dir), "--variants", "fp,w8a8", "--prompts", str(prompts), "--seeds", "0",
+               "--steps", "2", "--calib-samples", "2", "--steps-per-prompt", "1", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval_prompts"] == [readable, unreadable]
+    assert report["unscored_prompts"] == [unreadable]
+    for v in report["variants"]:
+        assert set(v["adherence"]) >= {"background", "color", "position", "shape"}
+    w8a8 = next(v for v in report["variants"] if v["variant"] == "w8a8")
+    assert math.isfinite(w8a8["psnr"]) and 0 < w8a8["ssim"] < 1
