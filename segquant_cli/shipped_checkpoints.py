@@ -6,7 +6,10 @@ built with exactly the calibration the service uses by default for a missing art
 prompts × 4 of 20 steps (256 samples) at the default size and guidance, seed 0. One calibration capture
 per model serves both recipes. Each
 checkpoint also stores a witness (:mod:`segquant_core.witness`) for the fast "still current" test.
-``--check`` builds nothing and exits 1 if a checkpoint is missing or stale.
+``--check`` builds nothing and exits 1 if a checkpoint is missing or stale. After building, and with
+``--eval`` alone for existing checkpoints, each checkpoint gets the ``eval.json`` a worker writes after a
+build (the registry's default ``eval`` section: held-out prompts against ``fp``), so ``GET /models`` shows
+the fidelity of the shipped variants without anything being built.
 """
 
 from __future__ import annotations
@@ -41,12 +44,16 @@ def source_weights_dir(model: str) -> Path:
     return segquant_shapes.shipped_pipeline_path(model) / ("transformer" if model == "mmdit" else "unet")
 
 
-def calibration_spec(model: str, recipe: str) -> Any:
-    """The service's calibration for this shipped model's variant (registry defaults, serving conditions)."""
+def model_spec(model: str, recipe: str) -> Any:
+    """The service's registry entry for this shipped model with one variant (all defaults)."""
     from service.registry import ModelSpec
 
-    spec = ModelSpec.model_validate({"name": f"shapes-{model}", "source": f"shipped:{model}", "variants": [recipe]})
-    return spec.variant(recipe).calibration
+    return ModelSpec.model_validate({"name": f"shapes-{model}", "source": f"shipped:{model}", "variants": [recipe]})
+
+
+def calibration_spec(model: str, recipe: str) -> Any:
+    """The service's calibration for this shipped model's variant (registry defaults, serving conditions)."""
+    return model_spec(model, recipe).variant(recipe).calibration
 
 
 def calibration_prompts(cal: Any) -> list[str]:
@@ -78,6 +85,47 @@ def status(model: str, recipe: str) -> Any:
         calibration=expected_calibration(model, recipe),
         source_sha256=sq.weights_sha256(source_weights_dir(model)),
     )
+
+
+def evaluate(model: str, recipe: str) -> dict[str, Any]:
+    """Write ``eval.json`` next to one shipped checkpoint, exactly as a worker does after a build."""
+    import segquant_shapes
+    from service.worker.fidelity import eval_prompts, evaluate_artifact
+
+    spec = model_spec(model, recipe)
+    ev, cal = spec.eval, spec.variant(recipe).calibration
+    steps = ev.num_inference_steps or spec.defaults.num_inference_steps
+
+    def load_float_pipeline() -> Any:
+        pipe = segquant_shapes.load_shipped(model)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    probe = load_float_pipeline()
+    calibration = calibration_prompts(cal)
+    prompts = [p for p in eval_prompts(probe, ev.prompts, ev.prompts_file) if p not in set(calibration)]
+    size = spec.size_rule.default
+    data = evaluate_artifact(
+        load_float_pipeline,
+        checkpoint_dir(model, recipe),
+        recipe,
+        prompts=prompts,
+        calibration_prompts=calibration,
+        seeds=ev.seeds,
+        num_inference_steps=steps,
+        guidance_scale=spec.defaults.guidance_scale,
+        scorer=getattr(probe, "adherence_scorer", None),
+        call_kwargs={"height": size, "width": size},
+    )
+    data["artifact"] = f"shipped:{model}/variants/{recipe}"  # not this machine's path
+    from service.worker.fidelity import write_json
+
+    write_json(checkpoint_dir(model, recipe) / "eval.json", data)
+    entry = next(iter(data["variants"]), {})
+    print(
+        f"{model}/{recipe}: PSNR {entry.get('psnr')} dB, SSIM {entry.get('ssim')} on {len(prompts)} prompts", flush=True
+    )
+    return data
 
 
 def build(model: str, recipes: tuple[str, ...] = RECIPES, progress: bool = True) -> list[Path]:
@@ -123,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segquant_cli.shipped_checkpoints", description=__doc__)
     parser.add_argument("--model", choices=MODELS, action="append", help="only this model (repeatable)")
     parser.add_argument("--check", action="store_true", help="build nothing; exit 1 if any checkpoint is stale")
+    parser.add_argument("--eval", action="store_true", help="build nothing; (re)write eval.json of each checkpoint")
     args = parser.parse_args(argv)
     models = tuple(args.model or MODELS)
     if args.check:
@@ -130,8 +179,15 @@ def main(argv: list[str] | None = None) -> int:
         for m, r, reason in stale:
             print(f"{m}/{r}: stale: {reason}")
         return 1 if stale else 0
+    if args.eval:
+        for m in models:
+            for r in RECIPES:
+                evaluate(m, r)
+        return 0
     for m in models:
         build(m)
+        for r in RECIPES:
+            evaluate(m, r)
     return 0
 
 

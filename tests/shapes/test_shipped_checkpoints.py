@@ -3,6 +3,8 @@ are what the embedded default serves. Rebuild them with ``python -m segquant_cli
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -49,3 +51,32 @@ def test_embedded_default_serves_the_shipped_checkpoints():
     model = Registry.default().model(None)
     for recipe in shipped.RECIPES:
         assert model.variant(recipe).artifact == shipped.checkpoint_dir("mmdit", recipe)
+
+
+@pytest.mark.parametrize("model,recipe", CASES)
+def test_shipped_checkpoint_carries_its_fidelity(model, recipe):
+    """eval.json (written by ``--eval``) is the worker's post-build report: held-out prompts against fp."""
+    data = json.loads((shipped.checkpoint_dir(model, recipe) / "eval.json").read_text())
+    (entry,) = data["variants"]
+    assert entry["variant"] == recipe and 25 < entry["psnr"] < 80 and 0.5 < entry["ssim"] <= 1
+    cal = shipped.calibration_prompts(shipped.calibration_spec(model, recipe))
+    assert data["eval_prompts"] and not set(data["eval_prompts"]) & set(cal)
+    assert set(entry["adherence"]) >= {"background", "color", "position", "shape"}
+
+
+def test_models_shows_fidelity_of_the_shipped_variants_without_a_build(tmp_path):
+    """GET /models on the embedded default: both quantized variants show their PSNR with nothing built."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.settings import load_settings
+
+    settings = load_settings(None, cache_dir=str(tmp_path / "cache"), worker={"preload": [], "warmup": False})
+    with TestClient(create_app(settings)) as client:
+        body = client.get("/models").json()
+    variants = {v["name"]: v for m in body["data"] for v in m["variants"]}
+    for recipe in shipped.RECIPES:
+        fidelity = variants[recipe]["fidelity"]
+        assert fidelity is not None and fidelity["psnr"] > 25, variants[recipe]
+        assert fidelity["eval_prompt_count"] == 8 and fidelity["seeds"] == [0]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
