@@ -1,18 +1,15 @@
-"""The worker: its lifecycle and the running of batches (read deliveries, batch compatible jobs, run them,
-write results, acknowledge).
+"""The worker's lifecycle: the run loop, stop/drain, the background loops, and admission of deliveries.
 
-Its other concerns live next to it: reading and reclaiming deliveries (:mod:`.intake`), one call's control,
-step callback and progress publishing (:mod:`.call_progress`), background builds (:mod:`.builder`), the
+Its other concerns live next to it: running one batch and recording each job's outcome
+(:mod:`.batch_runner`), reading and reclaiming deliveries (:mod:`.intake`), one call's control, step
+callback and progress publishing (:mod:`.call_progress`), background builds (:mod:`.builder`), the
 progress watchdog (:mod:`.watchdog`), and the error policy (:mod:`.resilience`: only connection errors are
 retried, by type and with capped backoff; every swallowed error is logged once per place and type).
 
-Around it run two small tasks: a heartbeat (keeps the held stream entries from being reclaimed, refreshes
-the worker's advertisement) and a cancel poll (flags jobs whose cancellation was requested). The pipeline
-call runs in a thread; its step callback only touches thread-safe state and hands progress to the loop.
-
-Order of writes for a job: start (check-and-set) → pipeline → finish (check-and-set, result + terminal
-event) → acknowledge. A crash anywhere before the acknowledgement leaves the entry pending, so another
-worker reclaims it; the check-and-set makes sure only one completion is recorded.
+Around it run small tasks: a heartbeat (keeps the held stream entries from being reclaimed, refreshes
+the worker's advertisement), a cancel poll (flags jobs whose cancellation was requested) and a build
+request poll. The pipeline call runs in a thread; its step callback only touches thread-safe state and
+hands progress to the loop.
 """
 
 from __future__ import annotations
@@ -26,35 +23,18 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.build_requests import build_requests_for
-from service.jobs.model import FailureReason, ImageOut, Job, JobError, JobResult, JobState, Timings
-from service.jobs.queue import (
-    Delivery,
-    StatsRecord,
-    WorkerInfo,
-    WorkerQueue,
-)
+from service.jobs.model import FailureReason, JobState
+from service.jobs.queue import Delivery, WorkerInfo, WorkerQueue
 from service.metrics import Metrics
 from service.registry import VariantKey
 from service.settings import Settings
-from service.worker import images as imaging
-from service.worker import memory
+from service.worker.batch_runner import BatchItem, BatchRunner
 from service.worker.batching import group_compatible
 from service.worker.builder import BuildManager
-from service.worker.call_progress import CallControl, publish_progress, step_callback
-from service.worker.engine import (
-    ArtifactMissingError,
-    BuildOutcome,
-    CallStats,
-    Engine,
-    LoadedVariant,
-    Sample,
-    StopBatch,
-    build_route,
-)
+from service.worker.engine import BuildOutcome, Engine, LoadedVariant, build_route
 from service.worker.fidelity import psnr_of
 from service.worker.intake import Intake
 from service.worker.resilience import Backoff, SwallowedErrors, is_connection_error, retry_connection
@@ -65,12 +45,6 @@ logger = logging.getLogger(__name__)
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
-
-
-@dataclass
-class _Item:
-    delivery: Delivery
-    job: Job
 
 
 class Runner:
@@ -94,9 +68,7 @@ class Runner:
         self.state: Literal["starting", "ready", "draining"] = "starting"
         self.started_at = time.time()
         self._held: dict[str, Delivery] = {}  # entry id → delivery, refreshed by the heartbeat
-        self._controls: list[CallControl] = []
         self._stopping = asyncio.Event()
-        self._running = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.builds = BuildManager(engine, build_requests_for(queue), self._build_done)
         self.intake = Intake(
@@ -111,6 +83,19 @@ class Runner:
         self.watchdog = Watchdog(settings.worker.step_timeout_s)
         self.errors = SwallowedErrors(logger)  # best-effort writes: each failure logged once per place and type
         self._loop_backoff = Backoff()
+        self.batches = BatchRunner(
+            queue,
+            engine,
+            settings,
+            metrics,
+            worker_id=self.worker_id,
+            watchdog=self.watchdog,
+            errors=self.errors,
+            held=self._held,
+            load=self._load,
+            advertise=self._advertise,
+            wait_for_build=self._wait_for_build,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -168,7 +153,7 @@ class Runner:
             self._loop.call_later(timeout, self._hand_back_running)
 
     def _hand_back_running(self) -> None:
-        for control in self._controls:
+        for control in self.batches.controls:
             control.handback.set()
 
     async def _sleep_or_stop(self, seconds: float) -> None:
@@ -207,7 +192,7 @@ class Runner:
             if self.settings.worker.warmup:  # first-call costs (text encoder, kernel setup) are not a job's
                 try:
                     await asyncio.to_thread(self.engine.warmup, lv)
-                except Exception as e:
+                except Exception as e:  # warm-up runs the pipeline, which may raise anything; still serve it
                     logger.warning("warm-up of %s failed (%s); serving it anyway", key, e)
             m = self.metrics
             m.model_load.labels(key.model, key.variant).observe(lv.load_seconds)
@@ -230,7 +215,7 @@ class Runner:
             started_at=self.started_at,
             metrics_port=self.metrics_port,
             variants={str(k): self.engine.status(k) for k in self.keys},
-            running=self._running,
+            running=self.batches.running,
         )
 
     async def _advertise(self) -> None:
@@ -250,19 +235,19 @@ class Runner:
                         d.job_id if d else entry,
                     )
                 await self._advertise()
-            except Exception as e:  # keep beating whatever happens
+            except Exception as e:  # a dead heartbeat task would get held jobs reclaimed: keep beating
                 self.errors.record("heartbeat", e)
 
     async def _cancel_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.worker.cancel_poll_s)
-            controls = list(self._controls)
+            controls = list(self.batches.controls)
             ids = [j for c in controls for j in c.job_ids]
             if not ids:
                 continue
             try:
                 canceled = await self.queue.cancel_requested(ids)
-            except Exception as e:  # the next poll asks again
+            except Exception as e:  # a dead poll task would ignore cancels: the next poll asks again
                 self.errors.record("cancel poll", e)
                 continue
             for c in controls:
@@ -281,7 +266,7 @@ class Runner:
             except Exception as e:  # Redis away: the next round asks again
                 self.errors.record("build request poll", e)
 
-    async def _wait_for_build(self, it: _Item) -> None:
+    async def _wait_for_build(self, it: BatchItem) -> None:
         """A job whose variant has no artifact: start (or join) its build and put the job back in the queue.
 
         A failed build fails the job with its reason (``POST …/build`` starts it again); with the model's
@@ -291,10 +276,10 @@ class Runner:
         route = build_route(key)
         error = self.engine.build_error(key)
         if error is not None:
-            await self._fail(it, FailureReason.MODEL_UNAVAILABLE, f"variant {key}: {error} ({route} retries it)")
+            await self.batches.fail(it, FailureReason.MODEL_UNAVAILABLE, f"variant {key}: {error} ({route} retries it)")
             return
         if not self.engine.registry.model(key.model).build_on_demand:
-            await self._fail(
+            await self.batches.fail(
                 it,
                 FailureReason.MODEL_UNAVAILABLE,
                 f"variant {key} is not built and this model builds only on request: {route} "
@@ -340,13 +325,12 @@ class Runner:
         if psnr is not None:
             self.metrics.variant_psnr.labels(key.model, key.variant).set(psnr)
 
-    # ------------------------------------------------------------------ reading
-    # ------------------------------------------------------------------ processing
+    # ------------------------------------------------------------------ admission
     async def _process(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self._held[d.entry_id] = d
         try:
-            items: list[_Item] = []
+            items: list[BatchItem] = []
             for d in deliveries:
                 item = await self._admit(d)
                 if item is not None:
@@ -360,19 +344,19 @@ class Runner:
             for batch in batches:
                 if self._stopping.is_set():
                     break  # draining: what was read but not started is handed back below
-                await self._run_batch(batch)
+                await self.batches.run(batch)
         finally:
             await self._release_held()
 
-    async def _admit(self, d: Delivery) -> _Item | None:
+    async def _admit(self, d: Delivery) -> BatchItem | None:
         """Skip finished jobs, dead-letter over-delivered ones; the rest are started just before their batch."""
         key = d.key
         job = await self.queue.get(d.job_id)
         if job is None or job.state.terminal:
-            await self._ack(d)
+            await self.batches.ack(d)
             return None
         if not self.engine.is_built(key):
-            await self._wait_for_build(_Item(d, job))
+            await self._wait_for_build(BatchItem(d, job))
             return None
         if d.deliveries > 1:
             self.metrics.redeliveries.labels(key.model, key.variant).inc()
@@ -385,243 +369,10 @@ class Runner:
             self._held.pop(d.entry_id, None)
             self.metrics.dead_lettered.labels(key.model, key.variant).inc()
             if written:
-                self._count_terminal(key, JobState.FAILED, FailureReason.WORKER_LOST.value)
+                self.batches.count_terminal(key, JobState.FAILED, FailureReason.WORKER_LOST.value)
             logger.error("job %s dead-lettered: %s", d.job_id, message)
             return None
-        return _Item(d, job)
-
-    async def _start(self, batch: list[_Item]) -> list[_Item]:
-        started: list[_Item] = []
-        for it in batch:
-            outcome = await self.queue.start(it.delivery, self.worker_id)
-            if outcome.status == "started" and outcome.job is not None:
-                started.append(_Item(it.delivery, outcome.job))
-                continue
-            if outcome.status in ("canceled", "expired"):
-                self._count_terminal(it.delivery.key, JobState(outcome.status))
-            await self._ack(it.delivery)
-        return started
-
-    async def _ack(self, d: Delivery) -> None:
-        await self.queue.ack(d)
-        self._held.pop(d.entry_id, None)
-
-    async def _run_batch(self, batch: list[_Item], *, alone: bool = False) -> None:
-        batch = await self._start(batch) if not alone else batch
-        if not batch:
-            return
-        params = batch[0].job.params
-        key = VariantKey(params.model, params.variant)
-        m = self.metrics
-        load_start = time.perf_counter()
-        try:
-            lv = await self._load(key)
-            load_s = time.perf_counter() - load_start  # ~0 unless this batch waited for a load
-        except ArtifactMissingError:  # removed since it was admitted: back to the queue, and build it
-            for it in batch:
-                await self._wait_for_build(it)
-            return
-        except Exception as e:
-            reason = f"variant {key} could not be loaded: {type(e).__name__}: {e}"
-            for it in batch:
-                await self._fail(it, FailureReason.MODEL_UNAVAILABLE, reason)
-            return
-        hooks = (
-            [it.job.params.debug for it in batch if it.job.params.debug is not None]
-            if self.settings.debug_hooks
-            else []
-        )
-        ids = [it.job.id for it in batch]
-        control = CallControl(
-            ids,
-            self.watchdog.watch(key, ids),
-            crash=any(h.crash_worker for h in hooks),
-            hang=any(h.hang_first_attempt for h in hooks) and all(it.job.attempts <= 1 for it in batch),
-            step_delay_s=max((h.step_delay_s for h in hooks), default=0.0),
-        )
-        for it in [] if alone else batch:
-            m.queue_wait.labels(key.model, key.variant).observe(
-                max(0.0, (it.job.started_at or time.time()) - it.job.created_at)
-            )
-        progress: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
-        publisher = asyncio.create_task(publish_progress(self.queue, progress, control, self.errors))
-        self._controls.append(control)
-        self._running += len(batch)
-        m.jobs_running.labels(key.model, key.variant).inc(len(batch))
-        loop = asyncio.get_running_loop()
-        on_step = step_callback(control, loop, progress)
-        retry_alone: list[_Item] = []
-        try:
-            grouped, stats = await asyncio.to_thread(
-                self.engine.generate,
-                lv,
-                [Sample(it.job.params.prompt, it.job.params.negative_prompt, it.job.params.seeds) for it in batch],
-                width=params.width,
-                height=params.height,
-                steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                on_step=on_step,
-            )
-        except StopBatch as stop:
-            if stop.stalled:
-                limit = self.watchdog.limit(key)
-                for it in batch:
-                    await self._fail(
-                        it,
-                        FailureReason.STALLED,
-                        f"no denoising step for {limit:g} s (worker.step_timeout_s); the call was stopped",
-                    )
-            else:
-                await self._stopped(batch, control, handback=stop.handback)
-        except Exception as e:
-            if memory.is_oom(e):
-                memory.free_memory()
-                if len(batch) > 1:
-                    logger.warning("batch of %d jobs ran out of memory (%s); retrying them one by one", len(batch), e)
-                    retry_alone = list(batch)
-                else:
-                    await self._fail(batch[0], FailureReason.OOM, f"out of memory: {e}")
-            elif isinstance(e, ValueError):
-                for it in batch:
-                    await self._fail(it, FailureReason.INVALID, str(e))
-            else:
-                logger.exception("pipeline call failed for %s", key)
-                for it in batch:
-                    await self._fail(it, FailureReason.INTERNAL, f"{type(e).__name__}: {e}")
-        else:
-            await self._succeed(batch, control, lv, grouped, stats, load_s=load_s)
-            with self.errors.swallow("advertising"):
-                await self._advertise()  # fresh latency/memory figures for GET /models
-        finally:
-            progress.put_nowait(None)
-            await publisher
-            self._controls.remove(control)
-            self.watchdog.done(control.watch)
-            self._running -= len(batch)
-            m.jobs_running.labels(key.model, key.variant).dec(len(batch))
-        for it in retry_alone:
-            await self._run_batch([it], alone=True)
-
-    async def _stopped(self, batch: list[_Item], control: CallControl, *, handback: bool) -> None:
-        for it in batch:
-            if it.job.id in control.canceled:
-                await self._finish(
-                    it, JobState.CANCELED, error=JobError(reason="canceled", message="canceled while running")
-                )
-            elif handback:
-                await self.queue.release(it.delivery, self.worker_id)
-                self._held.pop(it.delivery.entry_id, None)
-                logger.info("handed job %s back to the queue (worker draining)", it.job.id)
-            else:
-                await self._finish(
-                    it, JobState.CANCELED, error=JobError(reason="canceled", message="canceled while running")
-                )
-
-    async def _succeed(
-        self,
-        batch: list[_Item],
-        control: CallControl,
-        lv: LoadedVariant,
-        grouped: list[list[Any]],
-        stats: CallStats,
-        *,
-        load_s: float = 0.0,
-    ) -> None:
-        key, m = lv.key, self.metrics
-        m.inference.labels(key.model, key.variant).observe(stats.inference_s)
-        m.batch_size.labels(key.model, key.variant).observe(stats.images)
-        for s in stats.step_seconds:
-            m.denoise_step.labels(key.model, key.variant).observe(s)
-        self.watchdog.record(key, stats.step_seconds)
-        if stats.peak_memory_bytes:
-            m.model_peak_memory.labels(key.model, key.variant, stats.memory_kind).set(lv.peak_memory_bytes)
-        records: list[StatsRecord] = []
-        for it, pil_images in zip(batch, grouped):
-            if it.job.id in control.canceled:
-                await self._finish(
-                    it, JobState.CANCELED, error=JobError(reason="canceled", message="canceled while running")
-                )
-                continue
-            p = it.job.params
-            encode_start = time.perf_counter()
-            images = await asyncio.to_thread(self._encode, it.job, lv, pil_images)
-            encode_s = time.perf_counter() - encode_start
-            now = time.time()
-            started = it.job.started_at or now
-            timings = Timings(
-                queue_wait_s=round(started - it.job.created_at, 4),
-                load_s=round(load_s, 4),
-                inference_s=round(stats.inference_s, 4),
-                encode_s=round(encode_s, 4),
-                total_s=round(now - it.job.created_at, 4),
-            )
-            result = JobResult(
-                images=images,
-                timings=timings,
-                worker_id=self.worker_id,
-                batch_size=stats.images,
-                precision=lv.precision,
-            )
-            if await self._finish(it, JobState.SUCCEEDED, result=result):
-                m.images.labels(key.model, key.variant).inc(p.n)
-                m.job_duration.labels(key.model, key.variant).observe(timings.total_s)
-                records.append(
-                    StatsRecord(
-                        inference_s=stats.inference_s, total_s=timings.total_s, service_s=stats.inference_s / len(batch)
-                    )
-                )
-        with self.errors.swallow("recording job timings"):
-            await self.queue.record_stats(key, records)
-
-    def _encode(self, job: Job, lv: LoadedVariant, pil_images: list[Any]) -> list[ImageOut]:
-        p = job.params
-        out = []
-        for seed, image in zip(p.seeds, pil_images):
-            meta = {
-                "prompt": p.prompt,
-                "negative_prompt": p.negative_prompt,
-                "seed": seed,
-                "model": p.model,
-                "variant": p.variant,
-                "recipe": lv.spec.recipe,
-                "steps": p.num_inference_steps,
-                "guidance_scale": p.guidance_scale,
-                "width": p.width,
-                "height": p.height,
-                "job_id": job.id,
-            }
-            out.append(
-                ImageOut(
-                    b64_json=imaging.encode_b64(image, p.output_format, meta),
-                    seed=seed,
-                    format=p.output_format,
-                    width=image.width,
-                    height=image.height,
-                )
-            )
-        return out
-
-    async def _fail(self, it: _Item, reason: FailureReason, message: str) -> None:
-        logger.warning("job %s failed (%s): %s", it.job.id, reason.value, message)
-        await self._finish(it, JobState.FAILED, error=JobError(reason=reason.value, message=message))
-
-    async def _finish(
-        self, it: _Item, state: JobState, *, result: JobResult | None = None, error: JobError | None = None
-    ) -> bool:
-        key = it.delivery.key
-        written = await self.queue.finish(it.job.id, state, result=result, error=error, worker_id=self.worker_id)
-        if written:
-            self._count_terminal(key, state, error.reason if error and state is JobState.FAILED else None)
-        else:
-            self.metrics.duplicate_completions.labels(key.model, key.variant).inc()
-            logger.info("job %s had already finished elsewhere; this completion was not recorded", it.job.id)
-        await self._ack(it.delivery)
-        return written
-
-    def _count_terminal(self, key: VariantKey, state: JobState, reason: str | None = None) -> None:
-        self.metrics.jobs_finished.labels(key.model, key.variant, state.value).inc()
-        if state is JobState.FAILED:
-            self.metrics.jobs_failed.labels(key.model, key.variant, reason or "internal").inc()
+        return BatchItem(d, job)
 
     async def _release_held(self) -> None:
         """Hand back entries read but not finished (drain, or an error between read and run)."""
