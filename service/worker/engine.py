@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import inspect
 import logging
 import math
@@ -330,6 +331,12 @@ class Engine:
                 self._spare.pop(old_key.model, None)
         memory.free_memory()
 
+    def _lock_path(self, artifact: Path) -> Path:
+        """The build/load lock of ``artifact``, under the cache folder: an ``artifact:`` folder may be read-only
+        (a shipped checkpoint inside an installed package), and workers that share a cache share its locks."""
+        digest = hashlib.sha256(str(artifact.expanduser().resolve()).encode()).hexdigest()[:16]
+        return self.settings.cache_dir.expanduser() / "locks" / f"{artifact.name}-{digest}.lock"
+
     def _load(self, key: VariantKey, model: ModelSpec, spec: VariantSpec) -> LoadedVariant:
         start = time.perf_counter()
         logger.info("loading %s (recipe %s)", key, spec.recipe)
@@ -337,7 +344,7 @@ class Engine:
         try:
             if spec.quantized:
                 artifact = self.artifact_dir(key)
-                with _file_lock(_lock_path(artifact)):
+                with _file_lock(self._lock_path(artifact)):
                     # a self-contained checkpoint loads without the float denoiser (format 2)
                     denoiser = sq.load_denoiser(artifact, device=self.device, dtype=self.dtype)
                 with self._parts_lock:  # a float denoiser that came with the parts is not kept for it
@@ -387,7 +394,7 @@ class Engine:
         built_here, fidelity = False, None
         try:
             tracker.phase("waiting for the build lock")
-            with _file_lock(_lock_path(artifact)):
+            with _file_lock(self._lock_path(artifact)):
                 calibration: list[str] | None = None
                 if not self._artifact_current(key, spec):
                     calibration = self._calibrate_and_save(key, model, spec, artifact, tracker)
@@ -675,10 +682,6 @@ class Engine:
             grouped.append(images[i : i + len(s.seeds)])
             i += len(s.seeds)
         return grouped, stats
-
-
-def _lock_path(artifact: Path) -> Path:
-    return artifact.with_name(f".{artifact.name}.lock")
 
 
 @contextlib.contextmanager

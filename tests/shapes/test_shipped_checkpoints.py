@@ -80,3 +80,29 @@ def test_models_shows_fidelity_of_the_shipped_variants_without_a_build(tmp_path)
         assert fidelity is not None and fidelity["psnr"] > 25, variants[recipe]
         assert fidelity["eval_prompt_count"] == 8 and fidelity["seeds"] == [0]
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
+
+
+def test_loading_a_checkpoint_writes_nothing_next_to_it(tmp_path):
+    """An ``artifact:`` folder may be read-only (a shipped checkpoint in an installed package): the worker's
+    lock lives in its cache folder, never beside the checkpoint."""
+    import shutil
+
+    from service.registry import VariantKey
+    from service.settings import load_settings
+    from service.worker.engine import Engine
+
+    shelf = tmp_path / "shelf"
+    shutil.copytree(shipped.checkpoint_dir("mmdit", "w8a8-segquant"), shelf / "w8a8-segquant")
+    before = sorted(p.relative_to(shelf) for p in shelf.rglob("*"))
+    models = [
+        {
+            "name": "m",
+            "source": "shipped:mmdit",
+            "variants": ["fp", {"name": "q", "recipe": "w8a8-segquant", "artifact": str(shelf / "w8a8-segquant")}],
+        }
+    ]
+    settings = load_settings(None, models=models, cache_dir=str(tmp_path / "cache"))
+    engine = Engine(Registry.from_settings(settings), settings)
+    engine.load(VariantKey("m", "q"))
+    assert sorted(p.relative_to(shelf) for p in shelf.rglob("*")) == before
+    assert list((tmp_path / "cache" / "locks").glob("w8a8-segquant-*.lock"))
