@@ -142,6 +142,7 @@ class Engine:
         self.precision = str(self.dtype).removeprefix("torch.")
         self._loaded: OrderedDict[VariantKey, LoadedVariant] = OrderedDict()
         self._status: dict[VariantKey, VariantStatus] = {}
+        self._checked: dict[VariantKey, tuple[int, bool]] = {}  # manifest mtime -> current (staleness check)
         self._load_lock = threading.Lock()
         self._status_lock = threading.RLock()
         self._parts_lock = threading.Lock()
@@ -174,12 +175,19 @@ class Engine:
         return not spec.quantized or self._artifact_current(key, spec)
 
     def _artifact_current(self, key: VariantKey, spec: VariantSpec) -> bool:
+        """Read the manifest only when it changed (status and advertisements ask on every heartbeat)."""
         artifact = self.artifact_dir(key)
-        if not (artifact / MANIFEST).is_file():
+        try:
+            stamp = (artifact / MANIFEST).stat().st_mtime_ns
+        except FileNotFoundError:
             return False
+        cached = self._checked.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         status = sq.checkpoint_status(artifact, spec.recipe)
         if not status:
             logger.warning("artifact of %s at %s is stale (%s); it will be rebuilt", key, artifact, status.reason)
+        self._checked[key] = (stamp, status.current)
         return status.current
 
     def status(self, key: VariantKey) -> VariantStatus:
