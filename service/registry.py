@@ -28,19 +28,27 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.adapter_specs import ADAPTER_CARD_FILE, NAME_PATTERN, AdapterSpec
 from service.pipeline_folder import active_components, expand_drop
 from service.preset_sizes import preset_size_config
 
 EVAL_REPORT_FILE = "eval.json"
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+# The embedded default (no registry configured): (model, shipped pipeline, description); the first is the default.
+DEFAULT_SHIPPED_MODELS = (
+    ("shapes-mmdit", "mmdit", "the project's own 32x32 pixel-space MMDiT, SD3-style (coloured shapes)"),
+    ("shapes-flux", "flux", "the project's own 32x32 pixel-space Flux-style DiT: double- and single-stream blocks"),
+    ("shapes-unet", "unet", "the project's own 32x32 pixel-space UNet with cross-attention and GEGLU"),
+)
+DEFAULT_RECIPES = ("w8a8-segquant", "w4a8-segquant")
 
 
 class UnknownModelError(LookupError):
     """A model or variant name that the registry does not list; carries the valid names."""
 
-    def __init__(self, what: str, name: str, valid: list[str]) -> None:
+    def __init__(self, what: str, name: str, valid: list[str], model: str | None = None) -> None:
         self.what, self.name, self.valid = what, name, valid
-        super().__init__(f"unknown {what} {name!r}; valid: {', '.join(valid) or '(none)'}")
+        of = f" of model {model!r}" if model else ""
+        super().__init__(f"unknown {what} {name!r}{of}; valid: {', '.join(valid) or '(none)'}")
 
 
 class SizeRule(BaseModel):
@@ -153,6 +161,7 @@ class ModelSpec(BaseModel):
     build_on_demand: bool = Field(True, description="a job for an unbuilt variant starts its build (else: 409)")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     variants: list[VariantSpec] = Field(min_length=1)
+    adapters: list[AdapterSpec] = Field(default_factory=list, description="LoRA adapters requests may name")
 
     @model_validator(mode="before")
     @classmethod
@@ -177,6 +186,10 @@ class ModelSpec(BaseModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model {self.name!r}: duplicate variant names {dupes}")
+        adapter_names = [a.name for a in self.adapters]
+        adapter_dupes = sorted({n for n in adapter_names if adapter_names.count(n) > 1})
+        if adapter_dupes:
+            raise ValueError(f"model {self.name!r}: duplicate adapter names {adapter_dupes}")
         if self.default_variant is None:
             self.default_variant = "fp" if "fp" in names else names[0]
         elif self.default_variant not in names:
@@ -209,6 +222,12 @@ class ModelSpec(BaseModel):
             if v.name == wanted:
                 return v
         raise UnknownModelError("variant", str(wanted), [v.name for v in self.variants])
+
+    def adapter(self, name: str) -> AdapterSpec:
+        for a in self.adapters:
+            if a.name == name:
+                return a
+        raise UnknownModelError("adapter", name, [a.name for a in self.adapters], model=self.name)
 
     @property
     def size_rule(self) -> SizeRule:
@@ -258,16 +277,16 @@ class Registry:
 
     @classmethod
     def default(cls) -> Registry:
-        """The project's shipped MMDiT with the fp reference and the two SegQuant recipes."""
-        variants: list[Any] = ["fp"]
-        for recipe in ("w8a8-segquant", "w4a8-segquant"):
-            shipped = shipped_checkpoint_dir("mmdit", recipe)  # built by `python -m segquant_cli.shipped_checkpoints`
-            variants.append({"name": recipe, "recipe": recipe, **({"artifact": shipped} if shipped else {})})
-        return cls.from_data([{
-            "name": "shapes-mmdit", "source": "shipped:mmdit",
-            "description": "the project's own 32x32 pixel-space MMDiT (coloured shapes)",
-            "variants": variants,
-        }])
+        """The project's shipped models (MMDiT first), each with the fp reference and the two SegQuant recipes."""
+        entries = []
+        for name, shipped_name, description in DEFAULT_SHIPPED_MODELS:
+            variants: list[Any] = ["fp"]
+            for recipe in DEFAULT_RECIPES:  # checkpoints built by `python -m segquant_cli.shipped_checkpoints`
+                shipped = shipped_checkpoint_dir(shipped_name, recipe)
+                variants.append({"name": recipe, "recipe": recipe, **({"artifact": shipped} if shipped else {})})
+            entries.append({"name": name, "source": f"shipped:{shipped_name}", "description": description,
+                            "variants": variants, "adapters": shipped_adapters(shipped_name)})
+        return cls.from_data(entries)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Registry:
@@ -321,6 +340,16 @@ def shipped_checkpoint_dir(model: str, variant: str) -> Path | None:
         return None
     folder = Path(next(iter(spec.submodule_search_locations))) / "weights" / model / "variants" / variant
     return folder if (folder / "manifest.json").is_file() else None
+
+
+def shipped_adapters(model: str) -> list[dict[str, str]]:
+    """Registry entries for the adapters shipped with a ``segquant_shapes`` model (folders with a card)."""
+    root = shipped_dir(model)
+    folder = root / "loras" if root is not None else None
+    if folder is None or not folder.is_dir():
+        return []
+    return [{"name": d.name, "path": f"shipped:{model}/{d.name}"}
+            for d in sorted(folder.iterdir()) if (d / ADAPTER_CARD_FILE).is_file()]
 
 
 def _read_structured(path: Path) -> Any:
