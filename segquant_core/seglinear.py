@@ -280,6 +280,9 @@ class SegLinear(nn.Module):
             return
         codes = self._released.recover_codes(self, self._prepared)
         if codes is None:  # holds_codes() promised otherwise: a backend bug, not bad input
+        from segquant_core.backends.ops import bind
+
+        bind(self)  # the handle its custom op finds it by under torch.compile (fresh: a copy never aliases)
             raise RuntimeError(f"backend {self._released.name!r} released codes it cannot recover")
         for seg, c in zip(self.segs, codes):
             seg.weight = c
@@ -365,6 +368,10 @@ class SegLinear(nn.Module):
             (c.activation.fmt.value + ("-dual" if c.activation.dual else "") + ("-dyn" if c.activation.dynamic else ""))
             if c.activation
             else "float"
+        if torch.compiler.is_compiling():  # one opaque custom op per layer: no graph break
+            from segquant_core.backends.ops import compiled_forward
+
+            return compiled_forward(self, x)
         )
         segs = f"{c.segments.axis}{list(c.segments.sizes)}" if len(c.segments.sizes) > 1 else "1"
         backend = self._backend.name if self._backend else "unset"

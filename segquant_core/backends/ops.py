@@ -1,0 +1,115 @@
+"""SegLinear's kernels as torch custom ops (namespace ``segquant``), so a quantized denoiser compiles whole.
+
+Under ``torch.compile`` a SegLinear does not trace its backend's Python (prepacked oneDNN weights are opaque
+tensors Dynamo cannot fake, fbgemm packs are script objects, the kernel choice reads the environment).
+Instead each layer becomes one call of an opaque op per backend, ``segquant::<backend>_linear(x, handle, N)``,
+whose fake implementation only states the output shape. Inside the op the layer's backend runs exactly as in
+eager mode, so compiled and eager outputs are the same bits; the graph around it (norms, modulation,
+attention, GELU, LoRA branches) is Inductor's to fuse.
+
+Prepacked weights stay where the backend keeps them. The op reaches its layer through an integer *handle*
+(a constant in the graph) that :func:`bind` registers: an int is something every compiler stage accepts and
+that Inductor's FX graph cache can key on, so a restarted worker that binds its layers in the same order
+hits the cache. The registry holds layers weakly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from segquant_core.seglinear import SegLinear
+
+NAMESPACE = "segquant"
+BACKEND_NAMES = ("cpu-onednn-int8", "int-mm", "scaled-mm-fp8", "triton-fused", "reference")
+
+_LAYERS: dict[int, weakref.ref[SegLinear]] = {}
+_HANDLES = itertools.count(1)
+
+
+def _live(handle: int) -> SegLinear | None:
+    ref = _LAYERS.get(handle)
+    return ref() if ref is not None else None
+
+
+def _forget(ref: weakref.ref[SegLinear], handle: int) -> None:
+    if _LAYERS.get(handle) is ref:
+        del _LAYERS[handle]
+
+
+def bind(layer: SegLinear, handle: int | None = None) -> int:
+    """Register ``layer`` under ``handle`` (default: a fresh one) for its op to resolve at run time.
+
+    A handle held by another live layer is never shared: the layer then gets a fresh one. Re-binding (each
+    :meth:`SegLinear.set_backend` does) means a copied layer never runs its original's kernels.
+    """
+    if handle is None or _live(handle) not in (None, layer):
+        handle = next(_HANDLES)
+        while _live(handle) is not None:
+            handle = next(_HANDLES)
+    old = layer.__dict__.get("kernel_handle")
+    if old is not None and old != handle and _live(old) is layer:
+        del _LAYERS[old]
+    _LAYERS[handle] = weakref.ref(layer, partial(_forget, handle=handle))
+    layer.__dict__["kernel_handle"] = handle
+    return handle
+
+
+def bound_layer(handle: int) -> SegLinear:
+    ref = _LAYERS.get(handle)
+    layer = ref() if ref is not None else None
+    if layer is None:
+        raise RuntimeError(f"segquant op: no live SegLinear is bound to handle {handle}")
+    return layer
+
+
+def op_name(backend: str) -> str:
+    """``cpu-onednn-int8`` → ``cpu_onednn_int8_linear`` (the op's name inside the ``segquant`` namespace)."""
+    return backend.replace("-", "_") + "_linear"
+
+
+def _run(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    layer = bound_layer(handle)
+    y = layer.backend.run(layer, layer._prepared, x)
+    return y.to(x.dtype)
+
+
+def _fake(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _register(backend: str) -> Callable[..., torch.Tensor]:
+    def linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+        return _run(x, handle, out_features)
+
+    linear.__doc__ = f"``y = layer(x)`` for a SegLinear on the {backend} backend (``x [M, K]``, output in x's dtype)."
+    op = torch.library.custom_op(f"{NAMESPACE}::{op_name(backend)}", linear, mutates_args=())
+    op.register_fake(_fake)
+    return op
+
+
+LINEAR_OPS: dict[str, Callable[..., torch.Tensor]] = {name: _register(name) for name in BACKEND_NAMES}
+
+
+def linear_op(backend: str) -> Callable[..., torch.Tensor]:
+    """The op that runs a layer on ``backend`` (an unknown backend name falls back to the generic one)."""
+    op = LINEAR_OPS.get(backend)
+    if op is None:
+        op = LINEAR_OPS[backend] = _register(backend)
+    return op
+
+
+def compiled_forward(layer: SegLinear, x: torch.Tensor) -> torch.Tensor:
+    """What :meth:`SegLinear.forward` does under ``torch.compile``: one opaque op on the 2-D input."""
+    handle = getattr(layer, "kernel_handle", None)
+    if handle is None:  # set_backend binds every layer that has a backend
+        raise RuntimeError("a SegLinear without a backend was compiled; assign one first (sq.assign_backends)")
+    x2d = x.reshape(-1, layer.in_features)
+    y = linear_op(layer.backend.name)(x2d, handle, layer.out_features)
+    return y.reshape(*x.shape[:-1], layer.out_features)
