@@ -1,6 +1,6 @@
 """Every Prometheus collector of the service, in one place: ``segquant_`` prefix, base units, bounded labels.
 
-Labels are limited to route templates, model and variant names from the registry, and small enums
+Labels are limited to route templates, model, variant and adapter names from the registry, and small enums
 (outcome, reason, mode); never prompts, job ids or user input. Each process (API, worker) owns one
 :class:`Metrics` on its own registry: the API serves it at ``/metrics``, a worker on ``--metrics-port``.
 Job-lifecycle histograms are observed where the work happens (the worker); the API adds HTTP, queue-depth
@@ -90,6 +90,12 @@ class Metrics:
                                        "allocated on GPU)", [*MV, "kind"], registry=r)
         self.variant_psnr = Gauge(f"{p}_variant_psnr_db", "PSNR of the variant against fp (dB), measured when it "
                                   "was built (eval.json next to its artifact)", MV, registry=r)
+        # --- adapters (worker process; labels: registry names only)
+        self.adapter_loads = Counter(f"{p}_adapter_loads_total", "LoRA adapters loaded into a denoiser (a variant "
+                                     "loads each adapter it uses once, again after an LRU unload)",
+                                     ["model", "adapter"], registry=r)
+        self.adapter_jobs = Counter(f"{p}_adapter_jobs_total", "jobs that succeeded with the adapter applied",
+                                    ["model", "adapter"], registry=r)
         self.models_loaded = Gauge(f"{p}_models_loaded", "variants held in memory by this worker", registry=r)
         self.variant_info = Gauge(f"{p}_variant_info", "recipe and precision of each loaded variant (value 1)",
                                   [*MV, "recipe", "precision", "device"], registry=r)

@@ -41,6 +41,8 @@ class LimitSettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="request bodies above this get 413")
     sync_timeout_s: float = Field(300.0, gt=0, description="POST /generate waits this long, then answers 202")
     max_deadline_s: float = Field(24 * 3600.0, gt=0)
+    max_loras_per_request: int = Field(3, ge=0, description="adapters one request may name in loras (0 = none)")
+    max_lora_scale: float = Field(4.0, gt=0, allow_inf_nan=False, description="largest |scale| of an adapter")
 
 
 class QueueSettings(BaseModel):
@@ -81,6 +83,8 @@ class WorkerSettings(BaseModel):
     max_loaded_variants: int = Field(3, ge=1, description="pipelines kept in memory (LRU)")
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call when batching compatible jobs")
     batch_wait_ms: int = Field(50, ge=0, description="how long to wait for more compatible jobs")
+    adapter_cache_size: int = Field(4, ge=1, description="LoRA adapters kept loaded per denoiser (LRU); at least "
+                                                         "limits.max_loras_per_request")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: finish the running batch this long, "
                                                            "then stop it and hand its jobs back")
     memory_budget_bytes: int | None = Field(None, ge=1, description="estimated activation bytes per pipeline "
@@ -133,6 +137,14 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
+    @model_validator(mode="after")
+    def _adapters_fit_the_cache(self) -> Settings:
+        if self.worker.adapter_cache_size < self.limits.max_loras_per_request:
+            raise ValueError(f"worker.adapter_cache_size ({self.worker.adapter_cache_size}) must be at least "
+                             f"limits.max_loras_per_request ({self.limits.max_loras_per_request}): one batch's "
+                             "adapters must all stay loaded")
+        return self
+
     def _no_placeholder_keys(self) -> Settings:
         for key in self.api_keys:
             if key.get_secret_value() in ("changeme", "change-me", "secret", ""):

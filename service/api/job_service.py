@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 
 from service.api.build_wait import build_progress, refuse_if_unbuilt
 from service.api.job_errors import BadEventId, InvalidField, JobNotFound, QueueBusy
-from service.api.schemas import GenerateRequest, JobLinks, JobPublic
+from service.api.schemas import GenerateRequest, JobLinks, JobPublic, LoraRequest
 from service.jobs.capacity import variant_capacity
-from service.jobs.model import GenerationParams, Job, JobError, JobState
+from service.jobs.model import AdapterUse, GenerationParams, Job, JobError, JobState
 from service.jobs.queue import (
     IdempotencyConflictError,
     JobQueue,
@@ -29,7 +29,7 @@ from service.jobs.queue import (
 )
 from service.jobs.unserved import UNSERVED_REASON, UnservedWatch
 from service.metrics import Metrics
-from service.registry import Registry, VariantKey
+from service.registry import ModelSpec, Registry, VariantKey
 from service.settings import Settings
 
 MAX_SEED = 2**63 - 1
@@ -92,6 +92,7 @@ class JobService:
             raise InvalidField("deadline_s", f"must be at most {limits.max_deadline_s} seconds")
         if req.debug is not None and not self.settings.debug_hooks:
             raise InvalidField("debug", "debug hooks are disabled on this server")
+        loras = self._resolve_loras(req.loras, model)
         base = secrets.randbelow(2**31) if req.seed is None else req.seed
         return GenerationParams(
             prompt=req.prompt,
@@ -104,8 +105,34 @@ class JobService:
             guidance_scale=guidance,
             seeds=[(base + i) % (MAX_SEED + 1) for i in range(req.n)],
             output_format=output_format or req.output_format,  # type: ignore[arg-type]
+            loras=loras,
             debug=req.debug,
         )
+
+    def _resolve_loras(self, wanted: list[LoraRequest], model: ModelSpec) -> list[AdapterUse]:
+        """Each asked-for adapter at its scale (the registry's default when none is given), in request order.
+
+        Too many or a repeated name: 422; a name the model does not list: 404 naming the ones it does."""
+        limits = self.settings.limits
+        if len(wanted) > limits.max_loras_per_request:
+            raise InvalidField(
+                "loras", f"must hold at most {limits.max_loras_per_request} adapters (got {len(wanted)})", "too_long"
+            )
+        names = [w.name for w in wanted]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InvalidField("loras", f"names each adapter at most once (repeated: {', '.join(repeated)})")
+        out: list[AdapterUse] = []
+        for i, w in enumerate(wanted):
+            spec = model.adapter(w.name)  # UnknownModelError (404) lists the model's adapters
+            scale = spec.scale if w.scale is None else w.scale
+            if abs(scale) > limits.max_lora_scale:
+                raise InvalidField(
+                    f"loras.{i}.scale",
+                    f"must be between -{limits.max_lora_scale:g} and {limits.max_lora_scale:g} (got {scale:g})",
+                )
+            out.append(AdapterUse(name=spec.name, scale=float(scale)))
+        return out
 
     # ------------------------------------------------------------------ submission
     async def submit(

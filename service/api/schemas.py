@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 from service.jobs.model import (
+    AdapterUse,
     DebugOptions,
     GenerationParams,
     JobError,
@@ -33,12 +34,32 @@ def _not_blank(v: str) -> str:
     return v
 
 
+class LoraRequest(BaseModel):
+    """One adapter a request asks for: a name from ``GET /models`` (``adapters``) and an optional scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, description="an adapter name the model lists in GET /models")
+    scale: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="strength; |scale| ≤ limits.max_lora_scale (4); null = the adapter's default scale",
+    )
+
+
+LORAS_FIELD_DOC = "LoRA adapters to apply, at most limits.max_loras_per_request (3), each name once"
+
+
 class GenerateRequest(BaseModel):
     """A text-to-image request (``POST /generate``, ``POST /jobs``). Unset fields take the model's defaults."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"prompt": "a red circle", "seed": 7, "n": 1, "output_format": "png"}]},
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a red circle", "seed": 7, "n": 1, "output_format": "png"},
+                {"prompt": "an outlined red circle", "seed": 7, "loras": [{"name": "outlined", "scale": 2.0}]},
+            ]
+        },
     )
 
     prompt: str = Field(
@@ -60,6 +81,7 @@ class GenerateRequest(BaseModel):
         ge=MIN_DEADLINE_S,
         description="expire instead of starting later than this (s); at least 1 s: no job can start sooner",
     )
+    loras: list[LoraRequest] = Field(default_factory=list, description=LORAS_FIELD_DOC)
     debug: DebugOptions | None = Field(None, description="test-only hooks; refused unless enabled in settings")
 
     _prompt = field_validator("prompt")(_not_blank)
@@ -85,6 +107,7 @@ class GenerateResponse(BaseModel):
     height: int
     num_inference_steps: int
     guidance_scale: float
+    loras: list[AdapterUse] = Field(default_factory=list, description="the adapters applied, at their scales")
     images: list[ImagePublic]
     timings: Timings
     worker_id: str
@@ -167,6 +190,15 @@ class BuildAccepted(BaseModel):
     message: str
 
 
+class AdapterPublic(BaseModel):
+    """A model's adapter as clients see it (the path stays the server's business)."""
+
+    name: str
+    scale: float = Field(description="the default scale (a request's loras[].scale overrides it)")
+    description: str = ""
+    trigger: str | None = Field(None, description="a word prompts should contain for the adapter to show")
+
+
 class ModelPublic(BaseModel):
     name: str
     source: str
@@ -177,6 +209,7 @@ class ModelPublic(BaseModel):
     components: list[str] | None = Field(None, description="pipeline components it runs with (None: unknown)")
     drop_components: list[str] = Field(default_factory=list, description="components left out on purpose")
     variants: list[VariantPublic]
+    adapters: list[AdapterPublic] = Field(default_factory=list, description="LoRA adapters requests may name")
 
 
 class ModelsPublic(BaseModel):
@@ -209,6 +242,7 @@ class OpenAIImageRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, validation_alias=AliasChoices("guidance_scale", "guidance"))
     negative_prompt: str | None = None
     variant: str | None = None
+    loras: list[LoraRequest] = Field(default_factory=list, description=LORAS_FIELD_DOC)
 
     _prompt = field_validator("prompt")(_not_blank)
 
@@ -233,3 +267,4 @@ class OpenAIImagesResponse(BaseModel):
     variant: str
     output_format: OutputFormat
     size: str
+    loras: list[AdapterUse] = Field(default_factory=list, description="the adapters applied, at their scales")

@@ -48,10 +48,25 @@ class DebugOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     crash_worker: bool = Field(False, description="the worker process exits (os._exit) at the first step")
-    hang_first_attempt: bool = Field(False, description="the first attempt's first step hangs for an hour (a "
-                                                        "call the worker cannot stop; later attempts run normally)")
-    step_delay_s: float = Field(0.0, ge=0, le=5, description="sleep after every denoising step (slow jobs on "
-                                                              "purpose, to kill or stop a worker mid-job)")
+    hang_first_attempt: bool = Field(
+        False,
+        description="the first attempt's first step hangs for an hour (a "
+        "call the worker cannot stop; later attempts run normally)",
+    )
+    step_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=5,
+        description="sleep after every denoising step (slow jobs on purpose, to kill or stop a worker mid-job)",
+    )
+
+
+class AdapterUse(BaseModel):
+    """One LoRA adapter of a job, resolved: a registry name and the scale it runs at."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    scale: float = Field(allow_inf_nan=False)
 
 
 class GenerationParams(BaseModel):
@@ -68,15 +83,28 @@ class GenerationParams(BaseModel):
     guidance_scale: float
     seeds: list[int] = Field(min_length=1, description="one seed per image; image i uses its own generator")
     output_format: OutputFormat = "png"
+    loras: list[AdapterUse] = Field(default_factory=list, description="adapters in the order the request gave")
     debug: DebugOptions | None = None
 
     @property
     def n(self) -> int:
         return len(self.seeds)
 
+    def adapter_scales(self) -> dict[str, float]:
+        """The adapter set as the worker activates it, ordered by name (the same set always stacks the same)."""
+        return {a.name: a.scale for a in sorted(self.loras, key=lambda a: a.name)}
+
     def batch_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share one pipeline call."""
-        return (self.model, self.variant, self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        """Jobs with equal keys can share one pipeline call (the adapter set and scales included)."""
+        return (
+            self.model,
+            self.variant,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            tuple(self.adapter_scales().items()),
+        )
 
 
 class ImageOut(BaseModel):

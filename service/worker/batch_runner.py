@@ -25,6 +25,7 @@ from service.registry import VariantKey
 from service.settings import Settings
 from service.worker import images as imaging
 from service.worker import memory
+from service.worker.adapters import AdapterLoadError
 from service.worker.call_progress import CallControl, publish_progress, step_callback
 from service.worker.engine import ArtifactMissingError, CallStats, Engine, LoadedVariant, Sample, StopBatch
 from service.worker.resilience import SwallowedErrors
@@ -128,6 +129,7 @@ class BatchRunner:
                 steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
                 on_step=on_step,
+                adapters=params.adapter_scales(),  # one set per batch: the batch key includes it
             )
         except StopBatch as stop:
             if stop.stalled:
@@ -140,6 +142,9 @@ class BatchRunner:
                     )
             else:
                 await self._stopped(batch, control, handback=stop.handback)
+        except AdapterLoadError as e:  # a registry entry this variant cannot load: its jobs cannot run here
+            for it in batch:
+                await self.fail(it, FailureReason.MODEL_UNAVAILABLE, str(e))
         except Exception as e:  # the pipeline may raise anything: fail these jobs, keep the worker serving
             if memory.is_oom(e):
                 memory.free_memory()
@@ -208,6 +213,8 @@ class BatchRunner:
         key, m = lv.key, self.metrics
         m.inference.labels(key.model, key.variant).observe(stats.inference_s)
         m.batch_size.labels(key.model, key.variant).observe(stats.images)
+        for name in stats.adapters_loaded:
+            m.adapter_loads.labels(key.model, name).inc()
         for s in stats.step_seconds:
             m.denoise_step.labels(key.model, key.variant).observe(s)
         self.watchdog.record(key, stats.step_seconds)
@@ -242,6 +249,8 @@ class BatchRunner:
             )
             if await self._finish(it, JobState.SUCCEEDED, result=result):
                 m.images.labels(key.model, key.variant).inc(p.n)
+                for adapter in p.loras:
+                    m.adapter_jobs.labels(key.model, adapter.name).inc()
                 m.job_duration.labels(key.model, key.variant).observe(timings.total_s)
                 records.append(
                     StatsRecord(
@@ -268,6 +277,7 @@ class BatchRunner:
                 "guidance_scale": p.guidance_scale,
                 "width": p.width,
                 "height": p.height,
+                "loras": [a.model_dump() for a in p.loras],
                 "job_id": job.id,
             }
             out.append(

@@ -1,4 +1,5 @@
-"""Dynamic batching: group compatible jobs (same model, variant, size, steps, guidance) into pipeline calls.
+"""Dynamic batching: group compatible jobs (same model, variant, size, steps, guidance, adapter set and
+scales: ``GenerationParams.batch_key``) into pipeline calls.
 
 Each image keeps its own ``torch.Generator`` seeded from its job, so a seed gives the same image whether
 its job ran alone or inside a batch (the shapes pipelines draw each sample's noise from its own generator;
@@ -13,8 +14,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def group_compatible(items: list[T], key: Callable[[T], Hashable], size: Callable[[T], int],
-                     max_images: int) -> list[list[T]]:
+def group_compatible(
+    items: list[T], key: Callable[[T], Hashable], size: Callable[[T], int], max_images: int
+) -> list[list[T]]:
     """Split ``items`` into batches of equal ``key`` holding at most ``max_images`` images each.
 
     Order is kept: batches come in the order of their first job, and jobs keep their order inside a batch.

@@ -32,6 +32,7 @@ from service.jobs.queue import VariantStatus
 from service.registry import ModelSpec, Registry, VariantKey, VariantSpec
 from service.settings import Settings
 from service.worker import memory
+from service.worker.adapters import DenoiserAdapters
 from service.worker.build_progress import BuildCanceled, BuildTracker
 from service.worker.fidelity import eval_prompts, evaluate_artifact
 from service.worker.pipeline_parts import SharedParts, tensor_bytes
@@ -73,6 +74,7 @@ class CallStats:
     peak_memory_bytes: int = 0
     memory_kind: str = "process_rss"
     images: int = 0
+    adapters_loaded: list[str] = field(default_factory=list)  # adapters this call had to load first
 
 
 @dataclass
@@ -88,6 +90,7 @@ class LoadedVariant:
     device: str
     weight_bytes: int
     load_seconds: float
+    adapters: DenoiserAdapters
     build_seconds: float | None = None
     peak_memory_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -372,6 +375,7 @@ class Engine:
             device=self.device,
             weight_bytes=sq.resident_bytes(denoiser),  # kernels included, each weight once
             load_seconds=time.perf_counter() - start,
+            adapters=DenoiserAdapters(model, str(key), self.settings.worker.adapter_cache_size),
         )
         logger.info(
             "loaded %s (recipe %s, %s on %s, %s denoiser bytes, %s shared) in %.1fs",
@@ -625,11 +629,14 @@ class Engine:
         steps: int,
         guidance_scale: float,
         on_step: Callable[[int, int], None],
+        adapters: dict[str, float] | None = None,
     ) -> tuple[list[list[Image.Image]], CallStats]:
         """One pipeline call for every image of ``samples``; images come back grouped per sample.
 
+        ``adapters`` (name → scale) are exactly the LoRA adapters active in this call (none by default).
         ``on_step(step, total)`` runs in this thread after each denoising step and may raise
-        :class:`StopBatch`. ``MemoryError`` (budget) and CUDA OOM propagate to the caller.
+        :class:`StopBatch`. ``MemoryError`` (budget) and CUDA OOM propagate to the caller, and
+        :class:`~service.worker.adapters.AdapterLoadError` when an adapter cannot be loaded.
         """
         prompts, negatives, generators = [], [], []
         for s in samples:
@@ -662,6 +669,7 @@ class Engine:
         if "use_resolution_binning" in inspect.signature(type(pipe).__call__).parameters:
             extra["use_resolution_binning"] = False  # PixArt: render the asked size, never a silent resize
         with lv.lock:
+            stats.adapters_loaded = lv.adapters.activate(lv.denoiser, adapters or {})
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()

@@ -52,6 +52,6 @@ async def generate(body: GenerateRequest, request: Request, jobs: JobsDep, setti
     answer = GenerateResponse(
         id=done.id, model=p.model, variant=p.variant, precision=done.result.precision, seeds=p.seeds,
         width=p.width, height=p.height, num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-        images=[ImagePublic(**i.model_dump()) for i in done.result.images], timings=done.result.timings,
+        loras=p.loras, images=[ImagePublic(**i.model_dump()) for i in done.result.images], timings=done.result.timings,
         worker_id=done.result.worker_id, batch_size=done.result.batch_size)
     return JSONResponse(answer.model_dump(mode="json"), headers={"X-Job-Id": done.id})

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import StateDep
 from service.api.errors import ApiError
 from service.api.job_service import percentile
-from service.api.schemas import BuildAccepted, LatencyPublic, ModelPublic, ModelsPublic, VariantPublic
+from service.api.schemas import AdapterPublic, BuildAccepted, LatencyPublic, ModelPublic, ModelsPublic, VariantPublic
 from service.api.variant_state import build_route, reports, variant_status
 from service.build_requests import build_requests_for
 from service.jobs.queue import QueueUnavailableError, StatsRecord, WorkerInfo
@@ -92,7 +92,8 @@ async def list_models(state: StateDep) -> ModelsPublic:
         out.append(ModelPublic(name=model.name, source=model.source, description=model.description,
                                default_variant=model.default_variant or model.variants[0].name,
                                sizes=model.size_rule, defaults=model.defaults, components=model.components(),
-                               drop_components=model.drop_components, variants=variants))
+                               drop_components=model.drop_components, variants=variants,
+                               adapters=[AdapterPublic(**a.public()) for a in model.adapters]))
     return ModelsPublic(data=out)
 
 

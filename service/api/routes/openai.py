@@ -1,7 +1,7 @@
 """``POST /v1/images/generations``: the OpenAI Images API shape over the same jobs.
 
 Extension fields (``seed``, ``num_inference_steps``/``steps``, ``guidance_scale``/``guidance``,
-``negative_prompt``, ``variant``) go in the same body (OpenAI SDK: ``extra_body={...}``). Unknown OpenAI
+``negative_prompt``, ``variant``, ``loras``) go in the same body (OpenAI SDK: ``extra_body={...}``). Unknown OpenAI
 fields (``quality``, ``style``, ``user``…) are accepted and ignored. Only ``response_format=b64_json``.
 """
 
@@ -45,6 +45,7 @@ def _to_native(body: OpenAIImageRequest) -> GenerateRequest:
             seed=body.seed,
             n=body.n,
             output_format=body.output_format,
+            loras=body.loras,
         )
     except ValidationError as e:  # width/height come from `size`: report the field the client sent
         raise RequestValidationError(
@@ -86,6 +87,7 @@ async def generations(
         variant=p.variant,
         output_format=p.output_format,
         size=f"{p.width}x{p.height}",
+        loras=p.loras,
         data=[OpenAIImage(b64_json=i.b64_json, seed=i.seed) for i in done.result.images],
     )
     return JSONResponse(answer.model_dump(mode="json"), headers={"X-Job-Id": done.id})
