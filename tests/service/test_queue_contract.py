@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from service.jobs.local_queue import LocalQueue
-from service.jobs.model import JobError, JobState
+from service.jobs.model import AdapterUse, JobError, JobState
 from service.jobs.queue import IdempotencyConflictError, QueueFullError
 from service.jobs.redis_queue import RedisQueue
 from tests.service.helpers import KEY, OTHER, make_job, result
@@ -185,3 +185,14 @@ async def test_fail_queued_fails_only_that_variants_waiting_jobs(queue: Any) -> 
     assert (await queue.get(waiting.id)).error.reason == "unserved"
     assert await queue.total_depth() == 1 and (await queue.depths([KEY, OTHER])) == {KEY: 0, OTHER: 1}
     assert await queue.fail_queued(KEY, JobError(reason="unserved", message="again")) == []
+
+
+async def test_a_jobs_adapters_travel_with_it(queue: Any) -> None:
+    job = make_job()
+    job.params.loras = [AdapterUse(name="outlined", scale=2.0), AdapterUse(name="inked", scale=-0.5)]
+    await queue.submit(job, capacity=10)
+    assert (await queue.get(job.id)).params.loras == job.params.loras  # as queued
+    [d] = await queue.read([KEY], "w1", 1, 0)
+    started = await queue.start(d, "w1")
+    assert started.job.params.loras == job.params.loras  # as the worker reads it, in the request's order
+    assert started.job.params.batch_key() == job.params.batch_key()
