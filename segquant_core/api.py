@@ -22,6 +22,7 @@ from segquant_core.checkpoint_status import (
     checkpoint_status,
     weights_sha256,
 )
+from segquant_core.compile import CompileResult, compile_default, compile_denoiser, resolve_compile, use_cache_dir
 from segquant_core.detect.plan import LayerPlan, Plan, Segments
 from segquant_core.quantize import ProgressFn, QuantizationResult, quantize
 from segquant_core.recipes import Recipe, recipe, recipe_names
@@ -34,28 +35,56 @@ def detect(model: nn.Module, example_kwargs: dict[str, Any] | None = None, **kwa
     return _detect(model, example_kwargs, **kwargs)
 
 
-def quantize_pipeline(pipe: Any, recipe_spec: str | Recipe, prompts: Sequence[str], *,
-                      num_inference_steps: int = 20, steps_per_prompt: int = 4,
-                      guidance_scale: float | None = None, seed: int = 0, plan: Plan | None = None,
-                      backend: str = "auto", progress: bool = True,
-                      call_kwargs: dict[str, Any] | None = None,
-                      calibration: CalibrationSet | None = None,
-                      on_progress: ProgressFn | None = None) -> QuantizationResult:
+def quantize_pipeline(
+    pipe: Any,
+    recipe_spec: str | Recipe,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 20,
+    steps_per_prompt: int = 4,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    plan: Plan | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+    call_kwargs: dict[str, Any] | None = None,
+    calibration: CalibrationSet | None = None,
+    on_progress: ProgressFn | None = None,
+    compile: str | bool = "off",
+) -> QuantizationResult:
     """Calibrate on ``pipe``'s own denoising loop over ``prompts`` and quantize its denoiser in place.
 
     ``calibration`` reuses denoiser inputs captured earlier (:func:`capture_calibration` on the same float
     pipeline and prompts), e.g. when several recipes are built from one model; ``prompts`` are then unused.
     ``on_progress(phase, done, total)`` reports ``capture`` (prompts), then the phases of :func:`quantize`.
+    ``compile`` (``on``/``off``/``auto`` or a bool; default off: compiling costs a minute or more, paid on the
+    next call) wraps the quantized denoiser in ``torch.compile`` (:func:`compile_denoiser`); ``auto`` follows
+    :func:`compile_default` for the denoiser's device.
     """
     r = recipe(recipe_spec) if isinstance(recipe_spec, str) else recipe_spec
     model = denoiser_of(pipe)
     calib = calibration if calibration is not None else CalibrationSet()
     if r.quantizes and calibration is None:
-        calib = capture_calibration(pipe, prompts, num_inference_steps=num_inference_steps,
-                                    steps_per_prompt=steps_per_prompt, guidance_scale=guidance_scale,
-                                    seed=seed, call_kwargs=call_kwargs, progress=progress,
-                                    on_progress=on_progress)
-    return quantize(model, r, calib, plan, backend=backend, seed=seed, progress=progress, on_progress=on_progress)
+        calib = capture_calibration(
+            pipe,
+            prompts,
+            num_inference_steps=num_inference_steps,
+            steps_per_prompt=steps_per_prompt,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            call_kwargs=call_kwargs,
+            progress=progress,
+            on_progress=on_progress,
+        )
+    result = quantize(model, r, calib, plan, backend=backend, seed=seed, progress=progress, on_progress=on_progress)
+    if resolve_compile(compile, default=compile_default(_device_of(model))):
+        compile_denoiser(model)
+    return result
+
+
+def _device_of(model: nn.Module) -> str:
+    first = next(iter(model.parameters()), None) or next(iter(model.buffers()), None)
+    return first.device.type if first is not None else "cpu"
 
 
 def load_into_pipeline(directory: str | Path, pipe: Any, *, backend: str = "auto") -> QuantizationResult:
@@ -67,6 +96,7 @@ __all__ = [
     "ArtifactError",
     "CalibrationSet",
     "CheckpointStatus",
+    "CompileResult",
     "LayerPlan",
     "Plan",
     "QuantizationResult",
@@ -76,6 +106,8 @@ __all__ = [
     "capture_calibration",
     "checkpoint_is_current",
     "checkpoint_status",
+    "compile_default",
+    "compile_denoiser",
     "denoiser_of",
     "detect",
     "load",
@@ -89,5 +121,6 @@ __all__ = [
     "replace_denoiser",
     "resident_bytes",
     "save",
+    "use_cache_dir",
     "weights_sha256",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ class CompileResult:
 
     compiled: bool
     seconds: float | None = None  # first call on the example inputs (compile + one run); None without examples
+
+
+# What ``auto`` means per device: on where compiled denoisers were measured faster than eager ones
+# (docs/benchmarks.md, "Compiled denoisers"). Inductor on CPU also needs a C++ compiler.
+COMPILE_FASTER = {"cpu": False, "cuda": True}
+
+
+def compile_default(device: str) -> bool:
+    """Whether ``auto`` compiles on ``device`` (``cpu``, ``cuda``): measured faster there and compilable."""
+    if not COMPILE_FASTER.get(device, False):
+        return False
+    return device != "cpu" or any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++"))
 
 
 def resolve_compile(setting: str | bool | None, *, default: bool) -> bool:
@@ -103,6 +116,7 @@ def compile_denoiser(
     fullgraph: bool = False,
     dynamic: bool | None = None,
     mode: str | None = None,
+    backend: str = "inductor",
 ) -> CompileResult:
     """Compile ``model`` in place (``nn.Module.compile``: pipelines keep calling the same module).
 
@@ -110,10 +124,11 @@ def compile_denoiser(
     returned. ``cache_key``: a name for this model (e.g. the service's ``model/variant``) that makes the
     graph, and so Inductor's cache entries, the same in every process. ``fullgraph=True`` turns any graph
     break into an error (the tests use it); serving leaves it off so that an unexpected break in a
-    third-party model costs speed, not the request.
+    third-party model costs speed, not the request. ``backend``: Dynamo's backend (``aot_eager`` traces the
+    same graph without generating code; the tests use it).
     """
     n = bind_layers(model, cache_key)
-    model.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode)
+    model.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
     logger.info("compiling %s (%d quantized layers as segquant ops)", type(model).__name__, n)
     if example_kwargs is None:
         return CompileResult(True)

@@ -36,6 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--lora-rank", type=int, default=0,
                     help="also time each recipe with a random LoRA of this rank on every linear (float side branch)")
     bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bp.add_argument("--compile", action="store_true",
+                    help="also time bf16 and every recipe under torch.compile (+compiled candidates)")
 
     pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
     pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:NAME (mmdit, unet, flux)")
@@ -46,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--memory", action="store_true", help="also measure peak memory per variant (subprocesses)")
     pp.add_argument("--json", default="bench-pipeline.json")
     pp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    pp.add_argument("--compile", action="store_true",
+                    help="also time every variant, fp included, under torch.compile (+compiled candidates)")
+    pp.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                    help="precision of the float parts (fp's weights, every variant's norms and attention)")
 
     qp = levels.add_parser("quantize", help="build cost: memory at real size (SD3.5-medium config), or "
                            "block-sequential vs whole-model calibration on a shipped model")
@@ -115,10 +121,14 @@ def run(args: argparse.Namespace) -> int:
 
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
-                               device=device, progress=say, lora_rank=args.lora_rank)
+                               device=device, progress=say, lora_rank=args.lora_rank, compiled=args.compile)
         title = f"bench block — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["case", "candidate", "median_ms", "vs_bf16", "rel_err"]
+        if args.compile:
+            columns[4:4] = ["vs_bf16_compiled", "compile_s"]
     elif args.level == "pipeline":
+        import torch
+
         from segquant_cli.models import load_pipeline
         from segquant_core.bench.pipeline import run_pipeline_bench
 
@@ -134,9 +144,13 @@ def run(args: argparse.Namespace) -> int:
                       if args.memory else None)
         rows = run_pipeline_bench(lambda: load_pipeline(args.model), variants, prompts[:16], prompt=prompt,
                                   batch=args.batch, steps=args.steps, rounds=args.rounds, memory_cmd=memory_cmd,
-                                  device=device, progress=say)
-        title = f"bench pipeline — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+                                  device=device, progress=say, dtype=getattr(torch, args.precision),
+                                  compiled=args.compile)
+        title = (f"bench pipeline — {args.model}, {args.precision}, {env['cpu']}, {env['threads']} threads, "
+                 f"torch {env['torch']}")
         columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"]
+        if args.compile:
+            columns[4:4] = ["vs_fp_compiled", "compile_s"]
     elif args.level == "quantize":
         rows, title, columns = _quantize_rows(args, env, say)
     elif args.level == "memory":

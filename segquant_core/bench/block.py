@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import time
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ from diffusers.models.attention import JointTransformerBlock
 from safetensors.torch import save_file
 
 from segquant_core.bench.layer import cuda_peaks
+from segquant_core.bench.peers import Peer, mark_against_peers
 from segquant_core.bench.timing import alternate
 from segquant_core.quantize import quantize
 
@@ -72,11 +74,17 @@ def run_block_bench(
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
     lora_rank: int = 0,
+    compiled: bool = False,
+    peers: list[Peer] | None = None,
 ) -> list[dict[str, object]]:
     """Rows per candidate; on CUDA timing is synchronised and ``max_memory_allocated`` per call reported.
 
     ``lora_rank`` > 0 adds ``<recipe>+lora<r>`` per recipe: a second quantized copy carrying a random rank-r
-    adapter on every linear (the float side branch of :mod:`segquant_core.lora`), timed alongside."""
+    adapter on every linear (the float side branch of :mod:`segquant_core.lora`), timed alongside.
+    ``compiled`` adds ``bf16+compiled`` and ``<recipe>+compiled`` (a second copy under ``torch.compile``,
+    quantized the same way) with ``compile_s`` (first call minus median) and ``vs_bf16_compiled``."""
+    from segquant_core.compile import compile_denoiser
+
     block = sd35_block(dim, heads).to(device)
 
     def on(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,8 +98,22 @@ def run_block_bench(
     b16 = copy.deepcopy(block).to(torch.bfloat16)
     fns: dict[str, Callable[[], object]] = {"fp32": lambda: block(**x32), "bf16": lambda: b16(**x16)}
     errors = {"fp32": 0.0}
+    first_call: dict[str, float] = {}
+
+    def add_compiled(name: str, module: torch.nn.Module) -> None:
+        compile_denoiser(module)
+        start = time.perf_counter()
+        with torch.no_grad():
+            errors[f"{name}+compiled"] = _rel_err(module(**x16), ref)
+        first_call[f"{name}+compiled"] = time.perf_counter() - start
+        fns[f"{name}+compiled"] = lambda: module(**x16)
+
     with torch.no_grad():
         errors["bf16"] = _rel_err(b16(**x16), ref)
+    if compiled:
+        if progress:
+            progress("compiling bf16")
+        add_compiled("bf16", copy.deepcopy(block).to(torch.bfloat16))
     for name in recipes:
         if progress:
             progress(f"quantizing block with {name}")
@@ -101,6 +123,12 @@ def run_block_bench(
         with torch.no_grad():
             errors[name] = _rel_err(qb(**x16), ref)
         fns[name] = lambda qb=qb: qb(**x16)
+        if compiled:
+            if progress:
+                progress(f"quantizing and compiling a second copy with {name}")
+            cb = copy.deepcopy(block)
+            quantize(cb, name, calib, progress=False)
+            add_compiled(name, cb.to(torch.bfloat16))
         if lora_rank > 0:
             lb = copy.deepcopy(block)
             quantize(lb, name, calib, progress=False)
@@ -108,21 +136,54 @@ def run_block_bench(
             with torch.no_grad():
                 errors[f"{name}+lora{lora_rank}"] = _rel_err(lb(**x16), ref)
             fns[f"{name}+lora{lora_rank}"] = lambda lb=lb: lb(**x16)
+    peer_scope = add_peers(peers or [], block, x32, calib, ref, fns, errors, progress)
     if progress:
         progress("timing")
     with torch.no_grad():
         timings = alternate(fns, rounds=rounds, warmup=1, max_seconds=300, device=device)
         peaks = cuda_peaks(fns) if device.startswith("cuda") else {}
     bf16 = timings["bf16"].median_s
-    return [
+    bf16_compiled = timings["bf16+compiled"].median_s if "bf16+compiled" in timings else None
+    rows: list[dict[str, object]] = [
         {
             "case": f"SD3.5-medium block, {tokens}+{context_tokens} tokens, batch {batch}",
             "candidate": n,
             "median_ms": round(t.median_ms, 2),
             "vs_bf16": round(bf16 / t.median_s, 3),
+            **({"vs_bf16_compiled": round(bf16_compiled / t.median_s, 3)} if bf16_compiled else {}),
+            **({"compile_s": round(first_call[n] - t.median_s, 1)} if n in first_call else {}),
             "rel_err": errors[n],
             "rounds": len(t.samples),
             **({"cuda_max_allocated_bytes": peaks[n]} if n in peaks else {}),
         }
         for n, t in timings.items()
     ]
+    for row in rows:
+        if row["candidate"] in peer_scope:
+            row["int8_linears"] = peer_scope[row["candidate"]]
+    if peers:
+        mark_against_peers(rows, peers, "case")
+    return rows
+
+
+def add_peers(
+    peers: list[Peer],
+    block: torch.nn.Module,
+    x32: dict[str, torch.Tensor],
+    calib: list[dict[str, torch.Tensor]],
+    ref: tuple[torch.Tensor, ...],
+    fns: dict[str, Callable[[], object]],
+    errors: dict[str, float],
+    progress: Callable[[str], None] | None,
+) -> dict[str, str]:
+    """Build each peer from the fp32 block and the same calibration calls; add its callable and error.
+    Returns ``int8 linears / linears`` per peer label (what the peer really runs in int8)."""
+    scope = {}
+    for peer in peers:
+        if progress:
+            progress(f"building peer {peer.name}")
+        built = peer.build(copy.deepcopy(block), x32, calib)
+        errors[peer.label] = _rel_err(built.call(), ref)
+        fns[peer.label] = built.call
+        scope[peer.label] = f"{built.int8_linears}/{built.linears}"
+    return scope

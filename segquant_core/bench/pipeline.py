@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,17 @@ def run_pipeline_bench(
     calib_steps_per_prompt: int = 4,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype = torch.float32,
+    compiled: bool = False,
 ) -> list[dict[str, object]]:
     """Rows per variant: s/image, s/step, speed-up vs fp, denoiser resident bytes (kernels included), peak
     memory (if measured, in a fresh process per variant that loads the variant's checkpoint as the worker
-    does). On CUDA timing is synchronised and the memory is ``max_memory_allocated``."""
+    does). On CUDA timing is synchronised and the memory is ``max_memory_allocated``.
+
+    ``dtype``: the precision of the float parts (``fp``'s weights, every variant's norms and attention);
+    variants are calibrated in fp32 first. ``compiled``: every variant, ``fp`` included, is also timed under
+    ``torch.compile`` (``<name>+compiled``, its checkpoint loaded into a fresh pipeline as the worker does),
+    with ``compile_s`` = its first call minus its median; ``vs_fp_compiled`` compares it with compiled ``fp``."""
     names = ["fp", *[v for v in variants if v != "fp"]]
     pipes: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="segquant-bench-"))
@@ -78,7 +86,17 @@ def run_pipeline_bench(
                 progress=False,
             )
             save(denoiser_of(pipe), workdir / name.replace(":", "_"))
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype)
         pipes[name] = pipe
+    first_call: dict[str, float] = {}
+    if compiled:
+        for name in names:
+            if progress:
+                progress(f"compiling {name}")
+            pipes[f"{name}+compiled"] = _compiled_pipeline(
+                load_pipeline, None if name == "fp" else workdir / name.replace(":", "_"), device, dtype
+            )
 
     def make(pipe: Any) -> Callable[[], object]:
         def call() -> object:
@@ -96,10 +114,16 @@ def run_pipeline_bench(
     if progress:
         progress("timing")
     with torch.no_grad():
+        for name, pipe in pipes.items():
+            if name.endswith("+compiled"):  # the first call compiles: timed apart from the warm-up
+                start = time.perf_counter()
+                make(pipe)()
+                first_call[name] = time.perf_counter() - start
         timings = alternate(
-            {n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=600, device=device
+            {n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=1200, device=device
         )
     fp = timings["fp"].median_s
+    fp_compiled = timings["fp+compiled"].median_s if "fp+compiled" in timings else None
     rows = []
     for name, t in timings.items():
         row: dict[str, object] = {
@@ -111,14 +135,33 @@ def run_pipeline_bench(
             "vs_fp": round(fp / t.median_s, 3),
             "denoiser_bytes": resident_bytes(denoiser_of(pipes[name])),
             "rounds": len(t.samples),
+            "precision": str(dtype).removeprefix("torch."),
         }
-        if memory_cmd is not None:
+        if fp_compiled is not None and name.endswith("+compiled"):
+            row["vs_fp_compiled"] = round(fp_compiled / t.median_s, 3)
+            row["compile_s"] = round(first_call[name] - t.median_s, 1)
+        if memory_cmd is not None and not name.endswith("+compiled"):
             art = workdir / name.replace(":", "_")
             row["peak_memory_bytes"] = measure_peak_memory(
                 memory_cmd, art if name != "fp" else None, prompt, batch, steps, guidance_scale, device
             )
         rows.append(row)
     return rows
+
+
+def _compiled_pipeline(load_pipeline: Callable[[], Any], artifact: Path | None, device: str, dtype: torch.dtype) -> Any:
+    """A fresh pipeline with the variant's checkpoint loaded as the worker loads it, its denoiser compiled
+    (compilation itself happens on the first call)."""
+    from segquant_core.compile import compile_denoiser
+
+    pipe = load_pipeline()
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    pipe = pipe.to(device=device, dtype=dtype)
+    if artifact is not None:
+        replace_denoiser(pipe, load_denoiser(artifact, device=torch.device(device), dtype=dtype))
+    compile_denoiser(denoiser_of(pipe))
+    return pipe
 
 
 def measure_peak_memory(
