@@ -1,8 +1,9 @@
 """The published OpenAPI schema carries this server's limits, so it says what the routes accept.
 
-The request models are static; the limits (prompt length, images, steps, guidance, deadline) and the
-registry's model and variant names come from the settings. They are written into the schema once, when it
-is first built, so clients and fuzzers (schemathesis) see the same bounds the job service enforces.
+The request models are static; the limits (prompt length, images, steps, guidance, deadline, adapters per
+request and their scale) and the registry's model, variant and adapter names come from the settings. They are
+written into the schema once, when it is first built, so clients and fuzzers (schemathesis) see the same
+bounds the job service enforces.
 """
 
 from __future__ import annotations
@@ -48,6 +49,14 @@ def apply_limits(schema: dict[str, Any], settings: Settings, registry: Registry)
                 steps = {r.multiple_of for r in rules}
                 if len(steps) == 1:
                     _constrain(props.get(side), multipleOf=steps.pop())
+    adapters = sorted({a.name for m in models for a in registry.model(m).adapters})
+    for name in REQUEST_MODELS:  # no adapter anywhere: any name is a 404, so the schema allows none
+        props = components.get(name, {}).get("properties", {})
+        _constrain(props.get("loras"), maxItems=limits.max_loras_per_request if adapters else 0)
+    lora = components.get("LoraRequest", {}).get("properties", {})
+    if adapters:
+        _constrain(lora.get("name"), enum=adapters)
+    _constrain(lora.get("scale"), minimum=-limits.max_lora_scale, maximum=limits.max_lora_scale)
     size = components.get("OpenAIImageRequest", {}).get("properties", {}).get("size")
     sides = sorted({v for r in rules for v in range(r.min + (-r.min) % r.multiple_of, r.max + 1, r.multiple_of)})
     if size is not None and 0 < len(sides) <= MAX_SIZE_ALTERNATIVES:

@@ -197,3 +197,12 @@ async def test_a_scale_that_is_not_finite_is_422(client: httpx.AsyncClient, valu
     r = await client.post("/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == "loras.0.scale" and "finite" in r.json()["error"]["message"]
+
+
+async def test_the_openapi_schema_says_which_adapters_and_scales_are_accepted(client: httpx.AsyncClient) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    assert schemas["LoraRequest"]["properties"]["name"]["enum"] == ["outlined"]
+    scale = next(b for b in schemas["LoraRequest"]["properties"]["scale"]["anyOf"] if b["type"] == "number")
+    assert (scale["minimum"], scale["maximum"]) == (-4.0, 4.0)
+    for body in ("GenerateRequest", "OpenAIImageRequest"):
+        assert schemas[body]["properties"]["loras"]["maxItems"] == 3
