@@ -78,7 +78,8 @@ class WorkerSettings(BaseModel):
     id: str | None = Field(None, description="consumer name; default host-pid-random")
     variants: list[str] = Field(default_factory=list, description="served variants; empty = every registry variant")
     preload: list[str] | None = Field(None, description="variants loaded before the worker reports ready; "
-                                                        "default: each served model's default variant")
+                                                        "default: the first served model's default variant "
+                                                        "(the other models load on their first job)")
     warmup: bool = Field(True, description="run a one-step generation after loading a variant (lazy setup costs)")
     max_loaded_variants: int = Field(3, ge=1, description="pipelines kept in memory (LRU)")
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call when batching compatible jobs")

@@ -166,11 +166,9 @@ class Runner:
 
     async def _preload(self) -> None:
         wanted = self.settings.worker.preload
-        if wanted is None:
-            keys = [
-                VariantKey(m, self.engine.registry.model(m).default_variant or "")
-                for m in dict.fromkeys(k.model for k in self.keys)
-            ]
+        if wanted is None:  # the first served model's default variant; the other models load on demand
+            first = self.engine.registry.model(self.keys[0].model) if self.keys else None
+            keys = [VariantKey(first.name, first.default_variant or "")] if first else []
         else:
             keys = self.engine.registry.select(wanted)
         for key in [k for k in keys if k in self.keys]:

@@ -12,13 +12,16 @@ from service.registry import Registry, SizeRule, UnknownModelError, VariantKey, 
 from service.settings import load_settings
 
 
-def test_defaults_are_embedded_on_the_shipped_model() -> None:
+def test_defaults_are_embedded_on_the_shipped_models() -> None:
     s = load_settings(None)
     assert s.redis_url is None and s.embedded
     reg = Registry.from_settings(s)
-    assert [str(k) for k in reg.variant_keys()] == ["shapes-mmdit:fp", "shapes-mmdit:w8a8-segquant",
-                                            "shapes-mmdit:w4a8-segquant"]
+    assert [str(k) for k in reg.variant_keys()] == [
+        f"shapes-{m}:{v}" for m in ("mmdit", "flux", "unet") for v in ("fp", "w8a8-segquant", "w4a8-segquant")
+    ]
     assert reg.default_model.source == "shipped:mmdit"
+    assert [m.source for m in reg.models.values()] == ["shipped:mmdit", "shipped:flux", "shipped:unet"]
+    assert s.worker.preload is None  # the worker then preloads the first model's default variant only
 
 
 def test_file_then_env_then_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
