@@ -9,6 +9,9 @@ from pathlib import Path
 
 from segquant_cli.errors import CLIError
 
+PEERS_HELP = ("comma-separated CPU peers timed in the same run: pt2e (torchao X86InductorQuantizer + Inductor "
+              "freezing), openvino (NNCF INT8, linears only); needs the 'peers' extra")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark float vs quantized (layer, block, pipeline)",
@@ -26,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lp.add_argument("--json", default="bench-layer.json", help="where to write the JSON (default bench-layer.json)")
     lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="cuda: CUDA-synchronised timing, cuBLAS bf16 baseline, max_memory_allocated per candidate")
+    lp.add_argument("--peers", default="", help=PEERS_HELP)
 
     bp = levels.add_parser("block", help="one SD3.5-medium-shaped transformer block")
     bp.add_argument("--recipes", default="w8a8,w8a8-segquant,w4a8-segquant")
@@ -36,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--lora-rank", type=int, default=0,
                     help="also time each recipe with a random LoRA of this rank on every linear (float side branch)")
     bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bp.add_argument("--peers", default="", help=PEERS_HELP)
     bp.add_argument("--compile", action="store_true",
                     help="also time bf16 and every recipe under torch.compile (+compiled candidates)")
 
@@ -86,6 +91,21 @@ def _require_cuda() -> None:
         raise CLIError("--device cuda: no CUDA device is available here")
 
 
+def _peers(args: argparse.Namespace) -> list:
+    """The peers ``--peers`` names (CPU only); a missing package or unknown name is one readable line."""
+    names = [n.strip() for n in getattr(args, "peers", "").split(",") if n.strip()]
+    if not names:
+        return []
+    if getattr(args, "device", "cpu") != "cpu":
+        raise CLIError("--peers: the peers are CPU runtimes; use --device cpu")
+    from segquant_core.bench.peers import PeerUnavailable, resolve_peers
+
+    try:
+        return resolve_peers(names)
+    except (ValueError, PeerUnavailable) as e:
+        raise CLIError(f"--peers: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from segquant_core.bench.report import print_table, write_json, write_markdown
     from segquant_core.bench.timing import environment
@@ -99,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda":
         _require_cuda()
     env = environment(device)
+    peers = _peers(args)
     if device == "cuda":  # titles name the processor the numbers come from
         env["cpu"] = f"{env.get('gpu')} (sm_{env.get('capability')})"
     if args.level == "layer":
@@ -113,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
             shapes = default_shapes(args.model, tokens)
         rows = run_layer_bench(shapes, rounds=args.rounds, include_compile=not args.no_compile,
-                               include_fp8=args.fp8, include_reference=args.reference, device=device, progress=say)
+                               include_fp8=args.fp8, include_reference=args.reference, device=device, progress=say,
+                               peers=peers)
         title = f"bench layer — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["shape", "candidate", "median_ms", "vs_bf16", "vs_fp32", "vs_torch_ao", "rel_err", "weight_bytes"]
     elif args.level == "block":
@@ -121,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
 
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
         rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
-                               device=device, progress=say, lora_rank=args.lora_rank, compiled=args.compile)
+                               device=device, progress=say, lora_rank=args.lora_rank, compiled=args.compile,
+                               peers=peers)
         title = f"bench block — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["case", "candidate", "median_ms", "vs_bf16", "rel_err"]
         if args.compile:
@@ -196,6 +219,9 @@ def run(args: argparse.Namespace) -> int:
 
         memory_probe(lambda: load_pipeline(args.model), args.spec)
         return 0
+    if peers:  # each peer's ratio, and whether the row beat them all
+        columns += [f"vs_{p.name}" for p in peers] + ["faster_than_peers"]
+        columns += ["int8_linears"] if args.level == "block" else []
     print_table(title, rows, columns)
     path = write_json(Path(args.json), args.level, env, rows, command)
     md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segquant_core.bench.peers import Peer, mark_against_peers
 from segquant_core.bench.timing import alternate
 from segquant_core.detect.plan import LayerPlan, Plan, Segments
 from segquant_core.quantize import quantize
@@ -136,9 +137,11 @@ def candidates_for(
     include_reference: bool = False,
     seed: int = 0,
     device: str = "cpu",
+    peers: list[Peer] | None = None,
 ) -> tuple[dict[str, Callable[[], object]], dict[str, float], dict[str, int]]:
     """``(callables, rel. error vs fp32, weight bytes)`` for every candidate of ``shape`` on ``device``
-    (on CUDA, bf16 is cuBLAS; torch.ao's dynamic int8 is CPU-only and left out there)."""
+    (on CUDA, bf16 is cuBLAS; torch.ao's dynamic int8 is CPU-only and left out there). Each of ``peers``
+    builds the same float layer, calibrated on the same inputs, into its own int8 form."""
     torch.manual_seed(seed)
     lin = nn.Linear(shape.k, shape.n).eval().to(device)
     x32 = _inputs(shape, seed + 1).to(device)
@@ -184,6 +187,10 @@ def candidates_for(
             errors[name] = _rel_err(layer(x16), ref)
             fns[name] = lambda layer=layer: layer(x16)
             nbytes[name] = layer.weight_nbytes()
+    for peer in peers or []:
+        built_peer = peer.build(_One(copy.deepcopy(lin)), {"x": x32}, [{"x": c} for c in calib])
+        errors[peer.label] = _rel_err(built_peer.call()[0], ref)
+        fns[peer.label] = built_peer.call
     return fns, errors, nbytes
 
 
@@ -196,11 +203,13 @@ def run_layer_bench(
     include_reference: bool = False,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    peers: list[Peer] | None = None,
 ) -> list[dict[str, object]]:
     """One table row per (shape, candidate): median ms, speed-up vs bf16 and fp32, error, weight bytes.
 
     On CUDA timing is synchronised around every call and each candidate's ``max_memory_allocated`` over
-    one call is reported too."""
+    one call is reported too. ``peers`` are timed in the same loop; every row then also says how it
+    compares with each (:func:`~segquant_core.bench.peers.mark_against_peers`)."""
     rows: list[dict[str, object]] = []
     for shape in shapes:
         if progress:
@@ -211,6 +220,7 @@ def run_layer_bench(
             include_fp8=include_fp8,
             include_reference=include_reference,
             device=device,
+            peers=peers,
         )
         with torch.no_grad():
             timings = alternate(fns, rounds=rounds, warmup=2, max_seconds=120, device=device)
@@ -235,6 +245,8 @@ def run_layer_bench(
                     **({"cuda_max_allocated_bytes": peaks[name]} if name in peaks else {}),
                 }
             )
+    if peers:
+        mark_against_peers(rows, peers, "shape")
     return rows
 
 
