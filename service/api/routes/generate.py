@@ -23,15 +23,30 @@ from service.api.schemas import GenerateRequest, GenerateResponse, ImagePublic, 
 router = APIRouter(tags=["generate"])
 
 
-@router.post("/generate", response_model=GenerateResponse, summary="Generate images (waits for the result)",
-             responses={202: {"model": JobPublic, "description": "queued (Prefer: respond-async, or the wait "
-                                                                  "ran out); follow the Location"},
-                        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
-                              "description": "JSON, or the raw image with Accept: image/* and n=1"}})
-async def generate(body: GenerateRequest, request: Request, jobs: JobsDep, settings: SettingsDep,
-                   prefer: Annotated[str | None, Header()] = None,
-                   accept: Annotated[str | None, Header()] = None,
-                   idempotency_key: Annotated[str | None, Header()] = None) -> Response:
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    summary="Generate images (waits for the result)",
+    responses={
+        202: {
+            "model": JobPublic,
+            "description": "queued (Prefer: respond-async, or the wait ran out); follow the Location",
+        },
+        200: {
+            "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}},
+            "description": "JSON, or the raw image with Accept: image/* and n=1",
+        },
+    },
+)
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    jobs: JobsDep,
+    settings: SettingsDep,
+    prefer: Annotated[str | None, Header()] = None,
+    accept: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
     start = time.perf_counter()
     raw = raw_image_format(accept)
     if raw is not None and body.n != 1:
@@ -44,14 +59,26 @@ async def generate(body: GenerateRequest, request: Request, jobs: JobsDep, setti
     if isinstance(done, JSONResponse):
         return done
     jobs.metrics.request_duration.labels(job.params.model, job.params.variant, "sync").observe(
-        time.perf_counter() - start)
+        time.perf_counter() - start
+    )
     if raw is not None:
         return raw_image_response(done)
     assert done.result is not None
     p = done.params
     answer = GenerateResponse(
-        id=done.id, model=p.model, variant=p.variant, precision=done.result.precision, seeds=p.seeds,
-        width=p.width, height=p.height, num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-        loras=p.loras, images=[ImagePublic(**i.model_dump()) for i in done.result.images], timings=done.result.timings,
-        worker_id=done.result.worker_id, batch_size=done.result.batch_size)
+        id=done.id,
+        model=p.model,
+        variant=p.variant,
+        precision=done.result.precision,
+        seeds=p.seeds,
+        width=p.width,
+        height=p.height,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        loras=p.loras,
+        images=[ImagePublic(**i.model_dump()) for i in done.result.images],
+        timings=done.result.timings,
+        worker_id=done.result.worker_id,
+        batch_size=done.result.batch_size,
+    )
     return JSONResponse(answer.model_dump(mode="json"), headers={"X-Job-Id": done.id})
