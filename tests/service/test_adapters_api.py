@@ -95,7 +95,9 @@ async def test_adapter_changes_the_image_and_repeats_exactly(client: httpx.Async
     plain = await generate(client, variant=variant)
     adapted = await generate(client, variant=variant, loras=[{"name": "outlined"}])
     again = await generate(client, variant=variant, loras=[{"name": "outlined"}])
+    plain_again = await generate(client, variant=variant)  # still loaded, but off for a call without it
     assert plain["loras"] == []
+    assert np.array_equal(pixels(plain_again["images"][0]), pixels(plain["images"][0]))
     assert adapted["loras"] == [{"name": "outlined", "scale": CARD["default_scale"]}]  # the card's default
     diff = np.abs(pixels(adapted["images"][0]) - pixels(plain["images"][0]))
     assert diff.max() > 32, "the adapter did not change the image"
