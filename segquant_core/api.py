@@ -83,7 +83,9 @@ def quantize_pipeline(
 
 
 def _device_of(model: nn.Module) -> str:
-    first = next(iter(model.parameters()), None) or next(iter(model.buffers()), None)
+    first = next(iter(model.parameters()), None)
+    if first is None:  # not `or`: a tensor's truth value is ambiguous
+        first = next(iter(model.buffers()), None)
     return first.device.type if first is not None else "cpu"
 
 
@@ -120,6 +122,7 @@ __all__ = [
     "recipe_names",
     "replace_denoiser",
     "resident_bytes",
+    "resolve_compile",
     "save",
     "use_cache_dir",
     "weights_sha256",

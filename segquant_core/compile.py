@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -116,7 +116,7 @@ def compile_denoiser(
     fullgraph: bool = False,
     dynamic: bool | None = None,
     mode: str | None = None,
-    backend: str = "inductor",
+    backend: str | Callable[..., Any] = "inductor",
 ) -> CompileResult:
     """Compile ``model`` in place (``nn.Module.compile``: pipelines keep calling the same module).
 

@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -125,6 +125,9 @@ class VariantSpec(BaseModel):
     eval_report: Path | None = Field(None, description=f"fidelity JSON; default <artifact>/{EVAL_REPORT_FILE}")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     description: str = ""
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the denoiser at load; auto = on where measured faster (docs/benchmarks.md)"
+    )
 
     @property
     def quantized(self) -> bool:

@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path("~/.cache/segquant-serve").expanduser(), description="built artifacts live here")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="reference precision of the fp variant: auto = bf16/fp16 on GPU, fp32 on CPU")
+        "auto", description="precision of the fp variant and of every variant's float parts: auto = bf16/fp16 on "
+        "GPU, bf16 on CPUs with AVX512-BF16 or AMX, fp32 on other CPUs")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="empty = no authentication; env: comma-separated or a JSON list")
     debug_hooks: bool = Field(False, description="accept the test-only 'debug' request field (never in prod)")

@@ -97,6 +97,12 @@ _FLAVOURS: dict[str, Callable] = {
 }
 
 
+def flavour(name: str) -> Callable:
+    """Flavour ``name`` as plain torch ops: traced inside a compiled denoiser, Inductor fuses it into the op
+    that produced ``x`` (:mod:`segquant_core.backends.ops`)."""
+    return _FLAVOURS[name]
+
+
 def compile_enabled() -> bool:
     return os.environ.get("SEGQUANT_COMPILE", "1") not in ("0", "false", "no")
 

@@ -16,6 +16,7 @@ hits the cache. The registry holds layers weakly.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -105,11 +106,77 @@ def linear_op(backend: str) -> Callable[..., torch.Tensor]:
     return op
 
 
+# --------------------------------------------------------------------------------------------------------
+# cpu-onednn-int8, one GEMM group with static scales (most linears of w8a8 and w8a8-segquant): the activation
+# quantization stays in the graph as plain torch ops (Inductor fuses it into the norm / modulation / GELU
+# that produced x), and only the oneDNN call(s) with their dequantizing epilogue are opaque.
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cpu_onednn_int8_gemm", mutates_args=())
+def onednn_gemm(
+    codes: torch.Tensor, handle: int, dual: bool, out_features: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """oneDNN qlinear on uint8 activation codes (+128) of a single-group static layer: ``[M, K]`` codes, or
+    ``[2M, K]`` positive-then-negative DualScale codes (two calls, the second adding the first as a post-op),
+    per-column weight scales, activation scale(s) and bias applied inside the calls."""
+    from segquant_core.backends.cpu_onednn import OneDNNInt8Backend
+
+    layer = bound_layer(handle)
+    state = layer._prepared
+    m = codes.shape[0] // 2 if dual else codes.shape[0]
+    return OneDNNInt8Backend._one_group_codes(state.groups[0], codes, m, dual, state.bias, out_dtype)
+
+
+@onednn_gemm.register_fake
+def _(codes: torch.Tensor, handle: int, dual: bool, out_features: int, out_dtype: torch.dtype) -> torch.Tensor:
+    rows = codes.shape[0] // 2 if dual else codes.shape[0]
+    return codes.new_empty((rows, out_features), dtype=out_dtype)
+
+
+def _fused_onednn_group(layer: SegLinear, x2d: torch.Tensor) -> torch.Tensor | None:
+    """The quantize-in-graph path when eager would run exactly one fused oneDNN group (same codes, same
+    calls: bit-identical to eager); None where eager takes another path (the whole-layer op then runs it)."""
+    from segquant_core.backends.cpu_onednn import SMALL_M
+    from segquant_core.backends.fused_quant import flavour
+
+    state = layer._prepared
+    act = layer.cfg.activation
+    if (
+        layer.backend.name != "cpu-onednn-int8"
+        or act is None
+        or act.dynamic
+        or len(state.groups) != 1
+        or state.groups[0].group.lowrank is not None
+        or state.groups[0].group.act_scale is None
+        or os.environ.get("SEGQUANT_CPU_GEMM", "rule") not in ("rule", "onednn")
+        or (os.environ.get("SEGQUANT_CPU_GEMM", "rule") == "rule" and x2d.shape[0] <= SMALL_M)
+    ):
+        return None
+    g = state.groups[0].group
+    scales = g.act_scale.float().reshape(-1)
+    smooth = g.smooth if g.smooth is not None else torch.ones(x2d.shape[-1], device=x2d.device)
+    if act.dual:
+        codes = flavour("static_dual")(x2d, smooth, scales[0], scales[1], torch.uint8)
+    else:
+        codes = flavour("static_single")(x2d, smooth, scales[0], torch.uint8)
+    out_dtype = x2d.dtype if x2d.dtype == torch.bfloat16 else torch.float32
+    return onednn_gemm(codes, layer.kernel_handle, act.dual, layer.out_features, out_dtype)
+
+
 def compiled_forward(layer: SegLinear, x: torch.Tensor) -> torch.Tensor:
-    """What :meth:`SegLinear.forward` does under ``torch.compile``: one opaque op on the 2-D input."""
+    """What :meth:`SegLinear.forward` does under ``torch.compile``: activation quantization in the graph and
+    the GEMM as one opaque op where that split is exact (:func:`_fused_onednn_group`), else one opaque op
+    for the whole layer."""
     handle = getattr(layer, "kernel_handle", None)
     if handle is None:  # set_backend binds every layer that has a backend
         raise RuntimeError("a SegLinear without a backend was compiled; assign one first (sq.assign_backends)")
     x2d = x.reshape(-1, layer.in_features)
-    y = linear_op(layer.backend.name)(x2d, handle, layer.out_features)
-    return y.reshape(*x.shape[:-1], layer.out_features)
+    y = _fused_onednn_group(layer, x2d) if FUSE_QUANTIZE else None
+    if y is None:
+        y = linear_op(layer.backend.name)(x2d, handle, layer.out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+# Switch for measuring what the in-graph quantization buys (docs/benchmarks.md); SEGQUANT_FUSE_QUANTIZE=0
+# turns it off at import.
+FUSE_QUANTIZE = os.environ.get("SEGQUANT_FUSE_QUANTIZE", "1") not in ("0", "false", "no")

@@ -158,12 +158,17 @@ class VariantPublic(BaseModel):
     recipe: str
     state: Literal["not_built", "available", "building", "loaded", "failed"]
     reason: str | None = None
-    precision: str | None = Field(None, description="compute dtype of the float parts (the fp variant's precision)")
+    precision: str | None = Field(
+        None,
+        description="compute dtype of the float parts (the fp variant's precision): bfloat16 on GPUs and on CPUs "
+        "with AVX512-BF16 or AMX, else float32",
+    )
     device: str | None = None
     weight_bytes: int | None = Field(None, description="denoiser weights as loaded (quantized layers included)")
     peak_memory_bytes: int | None = None
     memory_kind: str | None = None
     load_seconds: float | None = None
+    compile_s: float | None = Field(None, description="torch.compile warm-up at load; null: the variant runs eagerly")
     progress: BuildProgress | None = Field(None, description="while building: phase, done, total, eta_s")
     shared_bytes: int | None = Field(
         None,

@@ -89,6 +89,7 @@ class VariantStatus(BaseModel):
     peak_memory_bytes: int | None = None
     memory_kind: str | None = Field(None, description="process_rss (CPU) or cuda_max_allocated (GPU)")
     load_seconds: float | None = None
+    compile_s: float | None = Field(None, description="torch.compile warm-up at load (None: not compiled)")
     build_seconds: float | None = None
     progress: BuildProgress | None = Field(None, description="while state is building")
     shared_bytes: int | None = Field(None, description="the model's shared parts (text encoders, VAE) as loaded")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch._dynamo.backends.registry import lookup_backend
 
 import segquant_core as sq
 from segquant_core.backends import get_backend
@@ -45,11 +46,21 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.sample
 
 
-def _eager_then_compiled(model: nn.Module, call: dict[str, Any], backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _eager_then_compiled(
+    model: nn.Module, call: dict[str, Any], ops: set[str] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager output, then the output compiled with ``aot_eager``; ``ops`` collects the graph's segquant ops."""
+    aot_eager = lookup_backend("aot_eager")
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if ops is not None:
+            ops.update(str(n.target) for n in gm.graph.nodes if str(n.target).startswith("segquant."))
+        return aot_eager(gm, example_inputs)
+
     with torch.no_grad():
         eager = _first(model(**call))
     torch._dynamo.reset()
-    compile_denoiser(model, fullgraph=True, backend=backend)
+    compile_denoiser(model, fullgraph=True, backend=recording)
     with torch.no_grad():
         compiled = _first(model(**call))
     uncompile(model)
@@ -67,8 +78,20 @@ def test_shipped_families_compile_whole_and_match_eager(family: str) -> None:
     layers = _layers(model)
     assert any(layer.cfg.activation.dual for layer in layers)
     assert {layer.backend.name for layer in layers} == {"cpu-onednn-int8"}
-    eager, compiled = _eager_then_compiled(model, calls[0], "aot_eager")
+    eager, compiled = _eager_then_compiled(model, calls[0])
     assert torch.equal(compiled, eager)
+
+
+def test_static_layers_quantize_in_the_graph() -> None:
+    """At M > 32 rows a single-group static layer is quantized by plain ops in the graph and only its oneDNN
+    GEMM is opaque; small-M layers (the AdaLN modulation) and per-head in-segments stay whole-layer ops."""
+    model, calls = _quantized("sd3", "w8a8-segquant")
+    g = torch.Generator().manual_seed(9)
+    big = {**calls[0], "hidden_states": torch.randn(2, 4, 16, 16, generator=g)}  # 2 × 64 tokens
+    ops: set[str] = set()
+    eager, compiled = _eager_then_compiled(model, big, ops)
+    assert torch.equal(compiled, eager)
+    assert {"segquant.cpu_onednn_int8_gemm.default", "segquant.cpu_onednn_int8_linear.default"} <= ops
 
 
 @pytest.mark.parametrize(
@@ -87,7 +110,7 @@ def test_every_cpu_backend_and_activation_flavour_compiles(spec: Any, backend: s
     assert {layer.backend.name for layer in layers} == {backend}
     if spec == "w8a8-segquant":
         assert any(layer.cfg.segments.axis == "in" and len(layer.segs) > 1 for layer in layers)
-    eager, compiled = _eager_then_compiled(model, calls[1], "aot_eager")
+    eager, compiled = _eager_then_compiled(model, calls[1])
     assert torch.equal(compiled, eager)
 
 
@@ -104,11 +127,12 @@ def test_lora_side_branches_stay_in_the_graph(tmp_path: Any) -> None:
     with torch.no_grad():
         plain = _first(model(**calls[0]))
     sq.load_lora(model, tmp_path / "a.safetensors", "a", scale=0.5)
-    eager, compiled = _eager_then_compiled(model, calls[0], "aot_eager")
+    eager, compiled = _eager_then_compiled(model, calls[0])
     assert not torch.equal(eager, plain)  # the adapter changes the output
     assert torch.equal(compiled, eager)
 
 
+@pytest.mark.slow  # the one real Inductor compile (C++ codegen): ~30 s alone, 2–3 min on the shared CI cores
 def test_inductor_matches_eager_and_reuses_its_disk_cache(tmp_path: Any) -> None:
     """Real Inductor (C++ codegen) on the toy: oneDNN (M = 80) and fbgemm (M = 2, the modulation) paths,
     out-segments, ragged in-segments, DualScale. A reset then a recompile is served from the FX graph cache,

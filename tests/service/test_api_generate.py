@@ -14,7 +14,11 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
+from service.worker.engine import resolve_precision
 from tests.service.helpers import decode_image, live_server, make_settings, read_sse, wait_ready, wait_state
+
+# bfloat16 on CPUs with AVX512-BF16 or AMX, else float32 (issue 15 deliverable 4)
+CPU_PRECISION = str(resolve_precision("auto", "cpu")).removeprefix("torch.")
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -41,7 +45,7 @@ async def test_generate_returns_a_png_with_metadata(client: httpx.AsyncClient) -
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["seeds"] == [42, 43] and [i["seed"] for i in body["images"]] == [42, 43]
-    assert (body["model"], body["variant"], body["precision"]) == ("tiny", "fp", "float32")
+    assert (body["model"], body["variant"], body["precision"]) == ("tiny", "fp", CPU_PRECISION)
     assert (body["width"], body["height"], body["num_inference_steps"]) == (32, 32, 2)
     assert set(body["timings"]) >= {"queue_wait_s", "inference_s", "total_s"} and body["worker_id"]
     image = decode_image(body["images"][0]["b64_json"])
@@ -164,7 +168,7 @@ async def test_models_and_metrics(client: httpx.AsyncClient) -> None:
     [model] = models
     assert model["sizes"] == {"multiple_of": 2, "min": 2, "max": 32, "default": 32}
     [fp] = model["variants"]
-    assert fp["state"] == "loaded" and fp["precision"] == "float32" and fp["device"] == "cpu"
+    assert fp["state"] == "loaded" and fp["precision"] == CPU_PRECISION and fp["device"] == "cpu"
     assert fp["weight_bytes"] > 0 and fp["peak_memory_bytes"] > 0 and fp["memory_kind"] == "process_rss"
     assert fp["latency"]["samples"] >= 1 and fp["latency"]["inference_p95_s"] >= fp["latency"]["inference_p50_s"]
     text = (await client.get("/metrics")).text
@@ -177,7 +181,8 @@ async def test_models_and_metrics(client: httpx.AsyncClient) -> None:
                    'segquant_model_load_seconds_count{model="tiny",variant="fp"}',
                    'segquant_model_weight_bytes{model="tiny",variant="fp"}',
                    'segquant_model_peak_memory_bytes{kind="process_rss",model="tiny",variant="fp"}',
-                   'segquant_variant_info{device="cpu",model="tiny",precision="float32",recipe="fp",variant="fp"} 1.0',
+                   'segquant_variant_info{device="cpu",model="tiny",'
+                   f'precision="{CPU_PRECISION}",recipe="fp",variant="fp"}} 1.0',
                    'segquant_jobs_finished_total{model="tiny",outcome="canceled",variant="fp"}',
                    'segquant_jobs_submitted_total{model="tiny",variant="fp"}',
                    'segquant_queue_depth{model="tiny",variant="fp"} 0.0',

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from service.registry import Registry
-from service.worker.engine import Engine
+from service.worker.engine import Engine, resolve_precision
 from tests.service.helpers import live_server, make_settings, tiny_models, wait_ready, wait_state
 
 QUANT = {"name": "w8a8-segquant", "recipe": "w8a8-segquant",
@@ -52,7 +52,8 @@ async def test_build_on_first_use_then_reuse(tmp_path: Path, caplog: pytest.LogC
         (artifact / "eval.json").write_text(json.dumps({"psnr": 31.5, "ssim": 0.93}))
         models = (await c.get("/models")).json()
         q, fp = variant(models, "w8a8-segquant"), variant(models, "fp")
-        assert q["state"] == "loaded" and q["recipe"] == "w8a8-segquant" and q["precision"] == "float32"
+        assert q["state"] == "loaded" and q["recipe"] == "w8a8-segquant"
+        assert q["precision"] == str(resolve_precision("auto", "cpu")).removeprefix("torch.")
         assert 0 < q["weight_bytes"] < fp["weight_bytes"]
         assert q["fidelity"] == {"psnr": 31.5, "ssim": 0.93} and fp["fidelity"] is None
         metrics = (await c.get("/metrics")).text

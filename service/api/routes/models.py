@@ -100,6 +100,7 @@ async def list_models(state: StateDep) -> ModelsPublic:
                     peak_memory_bytes=merged.peak_memory_bytes,
                     memory_kind=merged.memory_kind,
                     load_seconds=merged.load_seconds,
+                    compile_s=merged.compile_s,
                     latency=_latency(records),
                     progress=merged.progress,
                     shared_bytes=merged.shared_bytes,
