@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from segquant_core.backends.folding import fold_in_segments, folding_requested
 from segquant_core.backends.fused_quant import encode_channels, encode_rows
 from segquant_core.backends.grouped import GroupedGemmBackend, PreparedGroup, PreparedLayer
 from segquant_core.backends.grouping import GemmGroup
@@ -134,6 +135,9 @@ def _fbgemm(x: torch.Tensor, packed: Any, scale: float = 1.0) -> torch.Tensor:
 class CpuPreparedLayer(PreparedLayer):
     # in-segments with static single scales: per-input-channel (smoothing, activation scale) for one encode pass
     channels: tuple[torch.Tensor, torch.Tensor] | None = None
+    # opt-in (SEGQUANT_CPU_IN_SEGMENTS=folded): the same in-segments as one GEMM, see backends/folding.py
+    folded: CpuPacked | None = None
+    folded_scale: torch.Tensor | None = None
 
 
 class OneDNNInt8Backend(GroupedGemmBackend):
@@ -227,7 +231,22 @@ class OneDNNInt8Backend(GroupedGemmBackend):
                 scales.append(g.act_scale.float().reshape(-1)[:1].expand(width))
                 smooth.append(g.smooth.float() if g.smooth is not None else torch.ones(width))
             channels = (torch.cat(smooth), torch.cat(scales))
-        return CpuPreparedLayer(base.groups, base.bias, base.fuse_bias, channels)
+        state = CpuPreparedLayer(base.groups, base.bias, base.fuse_bias, channels)
+        if channels is not None and folding_requested():
+            codes, state.folded_scale = fold_in_segments(
+                [(self.group_codes(pg), pg.group.w_scale, pg.packed.act_scales[0]) for pg in base.groups]
+            )
+            n, k = codes.shape
+            state.folded = CpuPacked(
+                torch.ops.onednn.qlinear_prepack(codes, None), n, k, torch.zeros(n, dtype=torch.int64)
+            )
+        return state
+
+    def state_bytes(self, state: Any, seen: set[int]) -> int:
+        total = super().state_bytes(state, seen)
+        if isinstance(state, CpuPreparedLayer) and state.folded is not None:
+            total += self.packed_bytes(state.folded, seen) + 4 * state.folded.n
+        return total
 
     def run(self, layer: SegLinear, state: PreparedLayer, x: torch.Tensor) -> torch.Tensor:
         """Static-scale layers on oneDNN take fused paths (below); everything else the generic group loop."""
@@ -236,6 +255,8 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         groups = state.groups
         if act.dynamic or any(pg.group.lowrank is not None for pg in groups):
             return super().run(layer, state, x)
+        if isinstance(state, CpuPreparedLayer) and state.folded is not None and state.channels is not None:
+            return self._folded_in_segments(state, state.channels, x)
         kind = self._choose(groups[0].packed, x, act, groups[0].group)
         if kind == "fbgemm" and len(groups) == 1:
             if act.dual:
@@ -292,21 +313,14 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         fp32 product and makes three more passes over it (row scales, halves, bias), which cost as much
         as a third GEMM at M = 1024.
         """
-        rows, _ = encode_rows(x, act, pg.group.act_scale, pg.group.smooth, unsigned=True)
-        return OneDNNInt8Backend._one_group_codes(pg, rows, x.shape[0], act.dual, bias, out_dtype)
-
-    @staticmethod
-    def _one_group_codes(
-        pg: PreparedGroup, rows: torch.Tensor, m: int, dual: bool, bias: torch.Tensor | None, out_dtype: torch.dtype
-    ) -> torch.Tensor:
-        """:meth:`_one_group` after the encode (uint8 codes ``[M, K]``, or ``[2M, K]`` for DualScale); a
-        compiled denoiser quantizes in its graph and calls this through ``segquant::cpu_onednn_int8_gemm``."""
         p, g = pg.packed, pg.group
         scales = p.act_scales
-        if not dual:
+        rows, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=True)
+        if not act.dual:
             return torch.ops.onednn.qlinear_pointwise(
                 rows, scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias, 1.0, 0, out_dtype, "none", [], ""
             )
+        m = x.shape[0]
         y = torch.ops.onednn.qlinear_pointwise(
             rows[:m], scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias, 1.0, 0, torch.float32, "none", [], ""
         )
@@ -329,6 +343,20 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             "none",
             [],
             "",
+        )
+
+    @staticmethod
+    def _folded_in_segments(
+        state: CpuPreparedLayer, channels: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor
+    ) -> torch.Tensor:
+        """Opt-in folded in-segments: the per-channel encode, then one oneDNN call over the full K whose
+        per-column scales are the folded ones (activation scale 1), bias included, output in bf16 for bf16."""
+        assert state.folded is not None
+        p = state.folded
+        codes = encode_channels(x, channels[0], channels[1], unsigned=True)
+        out_dtype = x.dtype if x.dtype == torch.bfloat16 else torch.float32
+        return torch.ops.onednn.qlinear_pointwise(
+            codes, 1.0, 128, p.onednn, state.folded_scale, p.zero_points, state.bias, 1.0, 0, out_dtype, "none", [], ""
         )
 
     @staticmethod
