@@ -313,14 +313,21 @@ class OneDNNInt8Backend(GroupedGemmBackend):
         fp32 product and makes three more passes over it (row scales, halves, bias), which cost as much
         as a third GEMM at M = 1024.
         """
+        rows, _ = encode_rows(x, act, pg.group.act_scale, pg.group.smooth, unsigned=True)
+        return OneDNNInt8Backend._one_group_codes(pg, rows, x.shape[0], act.dual, bias, out_dtype)
+
+    @staticmethod
+    def _one_group_codes(
+        pg: PreparedGroup, rows: torch.Tensor, m: int, dual: bool, bias: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """:meth:`_one_group` after the encode (uint8 codes ``[M, K]``, or ``[2M, K]`` for DualScale); a
+        compiled denoiser quantizes in its graph and calls this through ``segquant::cpu_onednn_int8_gemm``."""
         p, g = pg.packed, pg.group
         scales = p.act_scales
-        rows, _ = encode_rows(x, act, g.act_scale, g.smooth, unsigned=True)
-        if not act.dual:
+        if not dual:
             return torch.ops.onednn.qlinear_pointwise(
                 rows, scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias, 1.0, 0, out_dtype, "none", [], ""
             )
-        m = x.shape[0]
         y = torch.ops.onednn.qlinear_pointwise(
             rows[:m], scales[0], 128, p.onednn, g.w_scale, p.zero_points, bias, 1.0, 0, torch.float32, "none", [], ""
         )
