@@ -10,9 +10,11 @@ against fp32, so "faster" is always read next to "as accurate".
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +174,12 @@ def candidates_for(
     built: dict[str, nn.Module] = {}
     for name, r, seg, dual in variants:
         built[name] = build_segquant(lin, r, seg, dual, calib)
+    if shape.segments is not None and shape.segments.axis == "in" and device == "cpu":
+        # the opt-in one-GEMM form of the same per-head layer (backends/folding.py): its speed and its error
+        with mock.patch.dict(os.environ, {"SEGQUANT_CPU_IN_SEGMENTS": "folded"}):
+            built[f"segquant w8a8 seg(in×{shape.segments.count}) folded (opt-in)"] = build_segquant(
+                lin, recipe("w8a8", seg=True), shape.segments, False, calib
+            )
     if include_reference:
         built["segquant w8a8 (reference fake-quant)"] = build_segquant(
             lin, recipe("w8a8"), None, False, calib, backend="reference"
