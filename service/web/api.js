@@ -147,10 +147,15 @@ const FIELD_LABELS = {
   n: "Number of images",
   output_format: "Output format",
   deadline_s: "Deadline",
+  loras: "Adapters",
+  adapter: "Adapter",
+  adapter_scale: "Adapter scale",
   body: "Request",
 };
 
 export function fieldLabel(param) {
+  if (/^loras\.\d+\.scale$/.test(param)) return "Adapter scale"; // the playground sends one adapter
+  if (/^loras\.\d+\.name$/.test(param)) return "Adapter";
   return FIELD_LABELS[param] || param;
 }
 

@@ -1,6 +1,6 @@
-// The playground: one job per selected variant with the same seed (POST /jobs), live progress from the
-// job events, the images side by side with their figures and PSNR against fp, and the /models panel
-// with a latency chart per variant.
+// The playground: one job per selected variant with the same seed (POST /jobs) — and, for a model with
+// LoRA adapters, the same adapter and scale — live progress from the job events, the images side by side
+// with their figures and PSNR against fp, and the /models panel with a latency chart per variant.
 
 import {
   ApiError,
@@ -32,7 +32,8 @@ const BUILD_REFRESH_MS = 2000; // while a card waits for its variant's build
 const MAX_SUBMIT_ATTEMPTS = 4;
 const MAX_OBSERVED = 50;
 const FORM_FIELDS = ["prompt", "negative_prompt", "model", "seed", "num_inference_steps", "guidance_scale",
-  "width", "height"];
+  "width", "height", "adapter", "adapter_scale"];
+const NO_ADAPTER = "";
 
 const $ = (id) => document.getElementById(id);
 
@@ -119,6 +120,7 @@ function renderModelSelect(first) {
   }
   if (first || !same) applyModelDefaults();
   renderVariantChoices();
+  renderAdapterChoices();
 }
 
 function applyModelDefaults() {
@@ -136,7 +138,103 @@ function applyModelDefaults() {
   }
   $("size-help").textContent = `Width and height: multiples of ${sizes.multiple_of} from ${sizes.min} to `
     + `${sizes.max} px (default ${sizes.default}).`;
+  $("model-help").textContent = model.description || "";
   renderVariantChoices(true);
+  renderAdapterChoices(true);
+}
+
+// ------------------------------------------------------------------ adapters (LoRA)
+
+function modelAdapters(model) {
+  return Array.isArray(model?.adapters) ? model.adapters : [];
+}
+
+function currentAdapter() {
+  const name = $("adapter").value;
+  if (name === NO_ADAPTER) return null;
+  return modelAdapters(currentModel()).find((a) => a.name === name) || null;
+}
+
+/** The adapter picker follows the model: hidden when the model lists no adapters. */
+function renderAdapterChoices(reset = false) {
+  const adapters = modelAdapters(currentModel());
+  const select = $("adapter");
+  const previous = reset ? NO_ADAPTER : select.value;
+  $("adapter-box").hidden = adapters.length === 0;
+  select.replaceChildren(el("option", { value: NO_ADAPTER, text: "None" }),
+    ...adapters.map((a) => el("option", { value: a.name, text: a.name })));
+  const kept = adapters.some((a) => a.name === previous);
+  select.value = kept ? previous : NO_ADAPTER;
+  if (!kept) applyAdapterDefaults();
+  else updateAdapterHelp();
+}
+
+function applyAdapterDefaults() {
+  const adapter = currentAdapter();
+  const scale = $("adapter_scale");
+  scale.disabled = !adapter;
+  scale.value = adapter ? adapter.scale : "";
+  for (const id of ["adapter", "adapter_scale"]) {
+    show($(`${id}-error`), "");
+    $(id).removeAttribute("aria-invalid");
+  }
+  updateAdapterHelp();
+}
+
+function updateAdapterHelp() {
+  const adapter = currentAdapter();
+  $("adapter-help").textContent = adapter
+    ? `${adapter.description || adapter.name} Default scale ${adapter.scale}; 0 turns it off.`
+    : "Every selected variant runs with the adapter you pick here, so they can be compared with it.";
+  updateTriggerHint();
+}
+
+function containsWord(text, word) {
+  const escaped = word.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+  return new RegExp(`(^|[^\\p{L}\\p{N}])${escaped}($|[^\\p{L}\\p{N}])`, "iu").test(text);
+}
+
+// A trigger word is offered, never written into the prompt behind the user's back.
+function updateTriggerHint() {
+  const adapter = currentAdapter();
+  const box = $("trigger-hint");
+  const button = $("trigger-insert");
+  if (!adapter?.trigger) {
+    box.hidden = true;
+    return;
+  }
+  box.hidden = false;
+  const present = containsWord($("prompt").value, adapter.trigger);
+  box.dataset.present = String(present);
+  $("trigger-text").textContent = present
+    ? `The prompt contains the trigger “${adapter.trigger}”.`
+    : `${adapter.name} shows only when the prompt contains its trigger “${adapter.trigger}”.`;
+  button.hidden = present;
+  button.textContent = `Insert “${adapter.trigger}” at the cursor`;
+}
+
+function insertTrigger() {
+  const adapter = currentAdapter();
+  if (!adapter?.trigger) return;
+  const prompt = $("prompt");
+  const text = prompt.value;
+  const at = Number.isInteger(prompt.selectionStart) ? prompt.selectionStart : text.length;
+  const before = text.slice(0, at);
+  const after = text.slice(at);
+  const lead = before && !/\s$/.test(before) ? " " : "";
+  const tail = after && !/^\s/.test(after) ? " " : "";
+  prompt.value = `${before}${lead}${adapter.trigger}${tail}${after}`;
+  const start = before.length + lead.length;
+  prompt.focus();
+  prompt.setSelectionRange(start, start + adapter.trigger.length);
+  show($("prompt-error"), "");
+  prompt.removeAttribute("aria-invalid");
+  updateTriggerHint();
+}
+
+function loraText(loras) {
+  if (!loras?.length) return "none";
+  return loras.map((l) => (l.scale == null ? l.name : `${l.name} × ${l.scale}`)).join(", ");
 }
 
 // A background build's progress, as GET /models and waiting jobs report it: phase, done/total, ETA.
@@ -262,7 +360,15 @@ function clearErrors() {
   }
 }
 
-function setFieldError(field, message) {
+// The API names adapter problems by their place in the request (loras.0.scale); the form has one picker.
+function formField(field) {
+  if (/^loras\.\d+\.scale$/.test(field)) return "adapter_scale";
+  if (field === "loras" || field.startsWith("loras.")) return "adapter";
+  return field;
+}
+
+function setFieldError(apiField, message) {
+  const field = formField(apiField);
   const box = $(`${field}-error`);
   if (!box) return false;
   show(box, message);
@@ -295,6 +401,12 @@ function readForm(model) {
     $("seed").value = seed;
   }
   if (!/^\d+$/.test(seed)) problems.push(["seed", "Use a whole number (0 or more), or press Random."]);
+  const adapter = model ? currentAdapter() : null;
+  const scaleInput = $("adapter_scale");
+  if (adapter && (scaleInput.validity.badInput || (scaleInput.value.trim() !== ""
+    && !Number.isFinite(Number(scaleInput.value))))) {
+    problems.push(["adapter_scale", "Adapter scale must be a number."]);
+  }
   const numbers = {};
   for (const id of ["num_inference_steps", "guidance_scale", "width", "height"]) {
     const input = $(id);
@@ -313,6 +425,10 @@ function readForm(model) {
   const fields = { prompt, model: model.name, ...numbers };
   const negative = $("negative_prompt").value;
   if (negative.trim()) fields.negative_prompt = negative;
+  if (adapter) {
+    const scale = scaleInput.value.trim() === "" ? null : Number(scaleInput.value); // null: the default
+    fields.loras = [{ name: adapter.name, scale }];
+  }
   return { fields, seed, variants: model.variants.map((v) => v.name).filter((v) => checked.includes(v)) };
 }
 
@@ -342,12 +458,14 @@ class Card {
     this.figures = {};
     const dl = el("dl", { class: "figures" });
     const rows = [["variant", "Variant"], ["recipe", "Recipe"], ["latency", "Latency"], ["weights", "Weights"],
-      ["memory", "Peak memory"], ["psnr", `PSNR vs ${run.reference}`]];
+      ["memory", "Peak memory"], ["psnr", `PSNR vs ${run.reference}${run.loras.length ? " (same adapter)" : ""}`]];
+    if (run.loras.length) rows.splice(1, 0, ["adapter", "Adapter"]);
     for (const [key, label] of rows) {
       this.figures[key] = el("dd", { class: `fig-${key}`, text: "–" });
       dl.append(el("div", { class: "figure-row" }, el("dt", { text: label }), this.figures[key]));
     }
     this.figures.variant.textContent = variant;
+    if (this.figures.adapter) this.figures.adapter.textContent = loraText(run.loras);
     this.node = el("article", {
       class: "card", "data-variant": variant, "data-state": "pending", "aria-labelledby": `card-${slug}-title`,
     },
@@ -444,12 +562,16 @@ class Card {
       return;
     }
     const t = job.result.timings;
+    if (this.figures.adapter && Array.isArray(job.params?.loras)) {
+      this.figures.adapter.textContent = loraText(job.params.loras); // the scale the server applied
+    }
     this.figures.latency.textContent = `queue ${formatSeconds(t.queue_wait_s)} · inference `
       + `${formatSeconds(t.inference_s)} (total ${formatSeconds(t.total_s)})`;
     this.progress.max = 1;
     this.progress.value = 1;
     const mime = { png: "image/png", jpeg: "image/jpeg", webp: "image/webp" }[image.format] || "image/png";
-    this.img.alt = `${this.variant}: “${this.run.prompt}”, seed ${this.run.seed}`;
+    const withAdapter = this.run.loras.length ? ` with ${loraText(this.run.loras)}` : "";
+    this.img.alt = `${this.variant}${withAdapter}: “${this.run.prompt}”, seed ${this.run.seed}`;
     this.img.src = `data:${mime};base64,${image.b64_json}`;
     try {
       await this.img.decode();
@@ -547,11 +669,12 @@ async function submitJob(card, body, signal) {
 function isRequestProblem(err) {
   // The same body goes to every variant: these errors would repeat for each, so stop and show them once.
   if (!(err instanceof ApiError)) return false;
-  return [401, 403, 413, 422].includes(err.status) || (err.status === 404 && err.param === "model");
+  return [401, 403, 413, 422].includes(err.status) || (err.status === 404 && ["model", "adapter"].includes(err.param));
 }
 
 function showRequestProblem(err) {
   for (const problem of fieldErrors(err)) setFieldError(problem.field, problem.message);
+  if (err.status === 404 && err.param === "adapter") setFieldError("adapter", describeError(err));
   show($("form-error"), describeError(err));
   if (err.status === 401) {
     $("key-panel").open = true;
@@ -586,7 +709,9 @@ function updateRunStatus(run) {
   }
   const ok = cards.filter((c) => c.node.dataset.state === "succeeded").length;
   const seconds = ((performance.now() - run.started) / 1000).toFixed(1);
-  $("run-status").textContent = `Finished in ${seconds} s: ${ok} of ${cards.length} image${cards.length === 1 ? "" : "s"}.`;
+  const withAdapter = run.loras.length ? `, adapter ${loraText(run.loras)}` : "";
+  $("run-status").textContent = `Finished in ${seconds} s: ${ok} of ${cards.length} image${cards.length === 1 ? "" : "s"}`
+    + `${withAdapter}.`;
 }
 
 async function generate(event) {
@@ -604,6 +729,7 @@ async function generate(event) {
     submit: new AbortController(),
     follow: new AbortController(),
     reference: referenceVariant(model),
+    loras: fields.loras || [],
     prompt: fields.prompt,
     seed,
     width: fields.width || model.sizes.default,
@@ -738,6 +864,9 @@ function init() {
     applyModelDefaults();
     renderCharts();
   });
+  $("adapter").addEventListener("change", applyAdapterDefaults);
+  $("trigger-insert").addEventListener("click", insertTrigger);
+  $("prompt").addEventListener("input", updateTriggerHint);
   $("models-refresh").addEventListener("click", () => loadModels());
   // Ctrl/Cmd+Enter in a text area generates.
   for (const id of ["prompt", "negative_prompt"]) {

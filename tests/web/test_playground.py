@@ -1,8 +1,9 @@
 """The playground page end to end: a real ``segquant serve`` process and headless Chromium (Debian's
 ``chromium`` package) driven by Playwright, without ``playwright install``.
 
-The registry is the tiny random MMDiT with ``fp`` and ``w8a8-segquant`` (small calibration), so the whole
-module runs in well under two minutes on two busy cores. A screenshot of the page is written under the
+The open service's registry is the tiny random MMDiT with ``fp`` and ``w8a8-segquant`` (small calibration)
+and a random test LoRA adapter, plus a tiny random UNet with ``fp`` only (no adapters; loaded on its first
+job), so the whole module runs in about two minutes on two busy cores. A screenshot of the page is written under the
 test's ``tmp_path`` (its path is printed) and copied to ``$SEGQUANT_WEB_ARTIFACTS`` when that is set.
 """
 
@@ -26,21 +27,38 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("SEGQUANT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--disable-extensions", "--disable-sync", "--mute-audio"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-extensions",
+    "--disable-sync",
+    "--mute-audio",
+]
 API_KEY = "playground-test-key-7f3a"
 STEPS = 4
+ADAPTER = "tiny-style"
+TRIGGER = "striped"
+ADAPTER_SCALE = 1.5
 
 if not Path(CHROMIUM).is_file():
-    pytest.skip(f"Chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium` "
-                "(see tests/web/README.md)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed: "
-                               "`pip install playwright` (no `playwright install` needed)")
+    pytest.skip(
+        f"Chromium not found at {CHROMIUM}: install it with `apt-get install -y chromium` (see tests/web/README.md)",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="Playwright for Python is not installed: `pip install playwright` (no `playwright install` needed)",
+)
 expect = sync_api.expect
 
 
 # ------------------------------------------------------------------ the service, as a real process
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -48,15 +66,61 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _write_adapter(folder: Path) -> Path:
+    """A random LoRA for the tiny MMDiT (every attention value projection and the output projection), with
+    the card the registry reads its default scale, description and trigger from."""
+    import torch
+    from safetensors.torch import save_file
+
+    import segquant_core as sq
+    import segquant_shapes
+
+    denoiser = sq.denoiser_of(segquant_shapes.tiny_random_pipeline("mmdit", seed=0))
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, module in denoiser.named_modules():
+        if isinstance(module, torch.nn.Linear) and (name.endswith("attn.to_v") or name == "proj_out"):
+            tensors[f"transformer.{name}.lora_A.weight"] = 0.3 * torch.randn(4, module.in_features, generator=gen)
+            tensors[f"transformer.{name}.lora_B.weight"] = 0.3 * torch.randn(module.out_features, 4, generator=gen)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "pytorch_lora_weights.safetensors"))
+    card = {
+        "name": ADAPTER,
+        "trigger": TRIGGER,
+        "default_scale": ADAPTER_SCALE,
+        "description": "A random test adapter that changes every image.",
+    }
+    (folder / "lora.json").write_text(json.dumps(card))
+    return folder
+
+
 def _config(tmp: Path, *, quantized: bool, api_keys: list[str] | None = None) -> Path:
     variants: list[Any] = ["fp"]
+    defaults = {"num_inference_steps": STEPS, "guidance_scale": 3.0}
+    models: list[dict[str, Any]] = [
+        {"name": "tiny", "source": "tiny:mmdit", "variants": variants, "defaults": defaults}
+    ]
     if quantized:
-        variants.append({"name": "w8a8-segquant", "recipe": "w8a8-segquant",
-                         "calibration": {"samples": 4, "num_inference_steps": 4, "steps_per_prompt": 2}})
+        variants.append(
+            {
+                "name": "w8a8-segquant",
+                "recipe": "w8a8-segquant",
+                "calibration": {"samples": 4, "num_inference_steps": 4, "steps_per_prompt": 2},
+            }
+        )
+        models[0]["adapters"] = [{"name": ADAPTER, "path": str(_write_adapter(tmp / "adapter"))}]
+        models.append(
+            {
+                "name": "tiny-unet",
+                "source": "tiny:unet",
+                "variants": ["fp"],
+                "defaults": defaults,
+                "description": "a tiny random UNet",
+            }
+        )
     config = {
         "cache_dir": str(tmp / "cache"),
-        "models": [{"name": "tiny", "source": "tiny:mmdit", "variants": variants,
-                    "defaults": {"num_inference_steps": STEPS, "guidance_scale": 3.0}}],
+        "models": models,
         "worker": {"batch_wait_ms": 0, "drain_timeout_s": 5},
         "limits": {"max_inference_steps": 100},
         "api_keys": api_keys or [],
@@ -75,13 +139,23 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / "serve.log"
         config = _config(tmp, quantized=quantized, api_keys=api_keys)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "SEGQUANT_COMPILE": "0",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "SEGQUANT_COMPILE": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
         env.pop("SEGQUANT_CONFIG", None)
         env.pop("SEGQUANT_REDIS_URL", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "segquant_cli", "serve", "--config", str(config), "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env=env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -109,8 +183,10 @@ class Service:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Service]]:
     """Both services start at once (their start-up overlaps): an open one with fp + w8a8, a keyed one with fp."""
     base = tmp_path_factory.mktemp("playground")
-    started = {"open": Service(base / "open", quantized=True),
-               "keyed": Service(base / "keyed", quantized=False, api_keys=[API_KEY])}
+    started = {
+        "open": Service(base / "open", quantized=True),
+        "keyed": Service(base / "keyed", quantized=False, api_keys=[API_KEY]),
+    }
     try:
         for service in started.values():
             service.wait_ready()
@@ -146,9 +222,9 @@ def page(browser: Any) -> Iterator[Any]:
 
 # ------------------------------------------------------------------ helpers
 
+
 def _wait_run_done(page: Any, timeout_ms: int = 90_000) -> None:
-    page.wait_for_function(
-        "() => document.getElementById('results').dataset.run === 'done'", timeout=timeout_ms)
+    page.wait_for_function("() => document.getElementById('results').dataset.run === 'done'", timeout=timeout_ms)
 
 
 def _card(page: Any, variant: str) -> Any:
@@ -182,6 +258,7 @@ def _open(page: Any, url: str) -> None:
 
 # ------------------------------------------------------------------ tests
 
+
 def test_compare_fp_and_w8a8_side_by_side(services: dict[str, Service], page: Any, tmp_path: Path) -> None:
     service = services["open"]
     _open(page, service.url)
@@ -190,7 +267,7 @@ def test_compare_fp_and_w8a8_side_by_side(services: dict[str, Service], page: An
     assert all(boxes.evaluate_all("bs => bs.map(b => b.checked)")), "every variant is selected by default"
     assert page.input_value("#num_inference_steps") == str(STEPS)
     assert page.input_value("#width") == "32"
-    expect(page.locator("#models-table tbody tr")).to_have_count(2)
+    expect(page.locator("#models-table tbody tr")).to_have_count(3)  # tiny: fp, w8a8-segquant; tiny-unet: fp
 
     page.get_by_label("Prompt", exact=True).fill("a red circle on a blue square")
     page.get_by_label("Seed").fill("1234")
@@ -290,10 +367,20 @@ def test_api_trouble_is_explained(services: dict[str, Service], page: Any) -> No
     def queue_full_once(route: Any) -> None:
         if route.request.method == "POST" and busy["left"] > 0:
             busy["left"] -= 1
-            route.fulfill(status=503, headers={"Retry-After": "1", "Content-Type": "application/json"},
-                          body=json.dumps({"error": {"message": "the queue is full (64/64); retry in about 1 s",
-                                                     "type": "service_unavailable", "param": None,
-                                                     "code": "queue_full"}}))
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1", "Content-Type": "application/json"},
+                body=json.dumps(
+                    {
+                        "error": {
+                            "message": "the queue is full (64/64); retry in about 1 s",
+                            "type": "service_unavailable",
+                            "param": None,
+                            "code": "queue_full",
+                        }
+                    }
+                ),
+            )
         else:
             route.continue_()
 
@@ -308,9 +395,12 @@ def test_api_trouble_is_explained(services: dict[str, Service], page: Any) -> No
     def failed_job(route: Any) -> None:
         job_id = route.request.url.rstrip("/").split("/")[-2]
         job = {"id": job_id, "state": "failed", "error": {"reason": "oom", "message": "not enough memory"}}
-        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
-                      body=f"event: started\r\ndata: {{}}\r\nid: 1-0\r\n\r\n"
-                           f"event: failed\r\ndata: {json.dumps(job)}\r\nid: 2-0\r\n\r\n")
+        route.fulfill(
+            status=200,
+            headers={"Content-Type": "text/event-stream"},
+            body=f"event: started\r\ndata: {{}}\r\nid: 1-0\r\n\r\n"
+            f"event: failed\r\ndata: {json.dumps(job)}\r\nid: 2-0\r\n\r\n",
+        )
 
     page.unroute(re.compile(r".*/jobs$"))
     page.route(re.compile(r".*/jobs/[^/]+/events$"), failed_job)
@@ -319,7 +409,8 @@ def test_api_trouble_is_explained(services: dict[str, Service], page: Any) -> No
     card = _card(page, "fp")
     expect(card).to_have_attribute("data-state", "failed")
     expect(card.locator(".card-status")).to_have_text(
-        "Generation failed: it ran out of memory. Server message: not enough memory")
+        "Generation failed: it ran out of memory. Server message: not enough memory"
+    )
 
 
 def test_works_with_an_api_key(services: dict[str, Service], page: Any) -> None:
@@ -329,8 +420,10 @@ def test_works_with_an_api_key(services: dict[str, Service], page: Any) -> None:
     # `/web/*` exempted. Until then the test sends the key for the page's own files only — every API call
     # below carries the key only because the page adds it.
     page_files = re.compile(rf"^{re.escape(service.url)}/(web/.*)?$")
-    page.route(page_files, lambda route: route.continue_(
-        headers={**route.request.headers, "authorization": f"Bearer {API_KEY}"}))
+    page.route(
+        page_files,
+        lambda route: route.continue_(headers={**route.request.headers, "authorization": f"Bearer {API_KEY}"}),
+    )
     page.goto(service.url)
     expect(page.locator("#page-error")).to_contain_text("needs an API key")
     key = page.get_by_label("API key")
@@ -339,6 +432,7 @@ def test_works_with_an_api_key(services: dict[str, Service], page: Any) -> None:
     key.press("Tab")  # change → the model list is loaded with the key
     expect(page.locator("#variant-list input[type=checkbox]")).to_have_count(1)
     expect(page.locator("#page-error")).to_be_hidden()
+    expect(page.locator("#adapter-box")).to_be_hidden()  # its model lists no adapters
     assert page.evaluate("() => localStorage.getItem('segquant.playground.apiKey')") == API_KEY
 
     page.reload()  # the key survives a reload
@@ -352,3 +446,105 @@ def test_works_with_an_api_key(services: dict[str, Service], page: Any) -> None:
     assert card.get_attribute("data-transport") is None, "the SSE stream (fetch + key) was used, not polling"
     assert card.get_attribute("data-progress") == f"{STEPS}/{STEPS}"
     assert "PSNR" not in _figure(page, "fp", "psnr")
+
+
+def _job_bodies(page: Any) -> list[dict[str, Any]]:
+    """The bodies of the page's POST /jobs requests, collected from here on."""
+    bodies: list[dict[str, Any]] = []
+
+    def keep(request: Any) -> None:
+        if request.method == "POST" and request.url.endswith("/jobs"):
+            bodies.append(json.loads(request.post_data))
+
+    page.on("request", keep)
+    return bodies
+
+
+def _variant_names(page: Any) -> list[str]:
+    return list(page.locator("#variant-list input[type=checkbox]").evaluate_all("bs => bs.map(b => b.value)"))
+
+
+def test_model_picker_follows_the_chosen_model(services: dict[str, Service], page: Any) -> None:
+    """Every model of GET /models can be picked; variants, sizes and the adapter picker follow it."""
+    _open(page, services["open"].url)
+    picker = page.get_by_label("Model", exact=True)
+    assert picker.locator("option").evaluate_all("os => os.map(o => o.value)") == ["tiny", "tiny-unet"]
+    assert _variant_names(page) == ["fp", "w8a8-segquant"]
+    expect(page.locator("#adapter-box")).to_be_visible()
+
+    picker.select_option("tiny-unet")
+    expect(page.locator("#variant-list input[type=checkbox]")).to_have_count(1)
+    assert _variant_names(page) == ["fp"]
+    expect(page.locator("#model-help")).to_have_text("a tiny random UNet")
+    expect(page.locator("#size-help")).to_contain_text("multiples of 8")
+    assert page.get_attribute("#width", "step") == "8" and page.input_value("#width") == "32"
+    expect(page.locator("#adapter-box")).to_be_hidden()  # this model lists no adapters
+    expect(page.locator("#charts .chart-box")).to_have_count(1)
+
+    bodies = _job_bodies(page)
+    page.get_by_label("Prompt", exact=True).fill("a yellow square")
+    page.get_by_role("button", name="Generate").click()
+    _wait_run_done(page)
+    expect(_card(page, "fp")).to_have_attribute("data-state", "succeeded")  # loaded on its first job
+    assert _natural_width(page, "fp") > 0
+    assert [(b["model"], b["variant"], "loras" in b) for b in bodies] == [("tiny-unet", "fp", False)]
+
+    picker.select_option("tiny")
+    expect(page.locator("#variant-list input[type=checkbox]")).to_have_count(2)
+    assert page.get_attribute("#width", "step") == "2"
+    expect(page.locator("#adapter-box")).to_be_visible()
+
+
+def test_adapter_picker_compares_variants_with_the_adapter(services: dict[str, Service], page: Any) -> None:
+    """Picking an adapter sets its default scale, offers (never forces) its trigger word, and every variant's
+    job carries it; the same seed without the adapter gives another image."""
+    _open(page, services["open"].url)
+    expect(page.locator("#adapter-box")).to_be_visible()
+    adapter = page.get_by_label("Adapter", exact=True)
+    assert adapter.input_value() == ""  # none by default
+    expect(page.locator("#adapter_scale")).to_be_disabled()
+    expect(page.locator("#trigger-hint")).to_be_hidden()
+
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("a red circle")
+    adapter.select_option(ADAPTER)
+    assert page.input_value("#adapter_scale") == str(ADAPTER_SCALE)
+    expect(page.locator("#adapter-help")).to_contain_text("A random test adapter")
+    expect(page.locator("#trigger-text")).to_contain_text(f"only when the prompt contains its trigger “{TRIGGER}”")
+    assert prompt.input_value() == "a red circle", "the prompt is not rewritten behind the user's back"
+    prompt.evaluate("t => t.setSelectionRange(2, 2)")
+    page.get_by_role("button", name=f"Insert “{TRIGGER}” at the cursor").click()
+    assert prompt.input_value() == f"a {TRIGGER} red circle"
+    expect(page.locator("#trigger-text")).to_have_text(f"The prompt contains the trigger “{TRIGGER}”.")
+    expect(page.locator("#trigger-insert")).to_be_hidden()
+
+    page.get_by_label("Seed").fill("4321")
+    bodies = _job_bodies(page)
+    page.get_by_role("button", name="Generate").click()
+    _wait_run_done(page)
+    assert sorted(b["variant"] for b in bodies) == ["fp", "w8a8-segquant"]
+    assert all(b["loras"] == [{"name": ADAPTER, "scale": ADAPTER_SCALE}] for b in bodies), bodies
+    for variant in ("fp", "w8a8-segquant"):
+        expect(_card(page, variant)).to_have_attribute("data-state", "succeeded")
+        assert _figure(page, variant, "adapter") == f"{ADAPTER} × {ADAPTER_SCALE}"
+    assert re.fullmatch(r"∞|\d+\.\d\d dB", _figure(page, "w8a8-segquant", "psnr"))
+    expect(page.locator("#run-status")).to_contain_text(f"adapter {ADAPTER} × {ADAPTER_SCALE}")
+    with_adapter = _card(page, "fp").locator("img").get_attribute("src")
+
+    adapter.select_option("")  # the same prompt and seed without it
+    expect(page.locator("#trigger-hint")).to_be_hidden()
+    page.locator("#variant-list input[value='w8a8-segquant']").uncheck()
+    bodies.clear()
+    page.get_by_role("button", name="Generate").click()
+    _wait_run_done(page)
+    assert [("loras" in b, b["seed"], b["prompt"]) for b in bodies] == [(False, 4321, f"a {TRIGGER} red circle")]
+    expect(_card(page, "fp")).to_have_attribute("data-state", "succeeded")
+    assert _card(page, "fp").locator(".fig-adapter").count() == 0
+    assert _card(page, "fp").locator("img").get_attribute("src") != with_adapter
+
+    adapter.select_option(ADAPTER)  # a scale the API refuses: the field and the reason are shown
+    page.get_by_label("Adapter scale").fill("10")
+    page.get_by_role("button", name="Generate").click()
+    expect(page.locator("#form-error")).to_contain_text("Adapter scale: Must be between -4 and 4 (got 10)")
+    expect(page.locator("#adapter_scale")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#result-row .card")).to_have_count(0)
