@@ -1,11 +1,13 @@
-"""Build the shipped quantized checkpoints: ``python -m segquant_cli.shipped_checkpoints [--check]``.
+"""Build the shipped quantized checkpoints: ``python -m segquant_cli.shipped_checkpoints [--model M] [--check]``.
 
-Every shipped model (``segquant_shapes/weights/<model>``) gets ``variants/<recipe>/`` for each recipe below,
-built with exactly the calibration the service uses by default for a missing artifact (the registry's
-``CalibrationSpec`` at serving conditions, so the worker's staleness check accepts them): 64 calibration
-prompts × 4 of 20 steps (256 samples) at the default size and guidance, seed 0. One calibration capture
-per model serves both recipes. Each
-checkpoint also stores a witness (:mod:`segquant_core.witness`) for the fast "still current" test.
+Every shipped model (``segquant_shapes/weights/<model>``: mmdit, unet, flux) gets ``variants/<recipe>/`` for
+each recipe below, built with exactly the calibration the service uses by default for a missing artifact
+(the registry's ``CalibrationSpec`` at serving conditions, so the worker's staleness check accepts them):
+64 calibration prompts × 4 of 20 steps (256 samples) at the default size and guidance, seed 0. One
+calibration capture per model serves both recipes. Each checkpoint also stores a witness
+(:mod:`segquant_core.witness`) for the fast "still current" test. The recorded calibration is kept under
+``--calibration-cache`` and reused while the float weights and the calibration settings are unchanged, so a
+rebuild after an engine change skips the pipeline runs (:mod:`segquant_cli.calibration_cache`).
 ``--check`` builds nothing and exits 1 if a checkpoint is missing or stale. After building, and with
 ``--eval`` alone for existing checkpoints, each checkpoint gets the ``eval.json`` a worker writes after a
 build (the registry's default ``eval`` section: held-out prompts against ``fp``), so ``GET /models`` shows
@@ -21,11 +23,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MODELS = ("mmdit", "unet")
+MODELS = ("mmdit", "unet", "flux")
 RECIPES = ("w8a8-segquant", "w4a8-segquant")
 # A layer whose input is a raw model input (a sinusoidal timestep embedding), so its statistics do not
 # depend on how other layers were quantized.
-WITNESS_LAYERS = {"mmdit": "time_text_embed.timestep_embedder.linear_1", "unet": "time_embedding.linear_1"}
+WITNESS_LAYERS = {
+    "mmdit": "time_text_embed.timestep_embedder.linear_1",
+    "unet": "time_embedding.linear_1",
+    "flux": "time_text_embed.timestep_embedder.linear_1",
+}
+DEFAULT_CALIBRATION_CACHE = Path("~/.cache/segquant-serve/shipped-calibration")
+# The folder of each model's float denoiser weights (the checkpoint records their hash).
+DENOISER_FOLDERS = {"mmdit": "transformer", "unet": "unet", "flux": "transformer"}
 
 
 def variants_dir(model: str) -> Path:
@@ -41,7 +50,7 @@ def checkpoint_dir(model: str, recipe: str) -> Path:
 def source_weights_dir(model: str) -> Path:
     import segquant_shapes
 
-    return segquant_shapes.shipped_pipeline_path(model) / ("transformer" if model == "mmdit" else "unet")
+    return segquant_shapes.shipped_pipeline_path(model) / DENOISER_FOLDERS[model]
 
 
 def model_spec(model: str, recipe: str) -> Any:
@@ -128,17 +137,23 @@ def evaluate(model: str, recipe: str) -> dict[str, Any]:
     return data
 
 
-def build(model: str, recipes: tuple[str, ...] = RECIPES, progress: bool = True) -> list[Path]:
-    """Calibrate the shipped ``model`` once and write one checkpoint per recipe."""
+def recorded_calibration(
+    model: str, recipe: str, pipe: Any, cache: Path | None, progress: bool, reuse: bool = True
+) -> Any:
+    """The denoiser calls the service's calibration records, read from ``cache`` when the float weights and the
+    calibration settings are the ones it was recorded with (an engine change alone needs no new capture)."""
     import segquant_core as sq
-    import segquant_shapes
-    from segquant_core.witness import observe_layer, write_witness
+    from segquant_cli.calibration_cache import calibration_key, load_calibration, save_calibration
 
-    cal = calibration_spec(model, recipes[0])
-    if any(calibration_spec(model, r) != cal for r in recipes):
-        raise RuntimeError("the recipes of one model are calibrated alike by the service")
-    pipe = segquant_shapes.load_shipped(model)
-    pipe.set_progress_bar_config(disable=True)
+    cal = calibration_spec(model, recipe)
+    key = calibration_key(
+        {"calibration": expected_calibration(model, recipe), "spec": cal.model_dump(mode="json")},
+        sq.weights_sha256(source_weights_dir(model)),
+    )
+    path = cache / f"{model}-{key[:16]}.safetensors" if cache is not None else None
+    if path is not None and reuse and (stored := load_calibration(path, key)) is not None:
+        print(f"{model}: calibration read from {path} ({len(stored)} calls)", flush=True)
+        return stored
     calib = sq.capture_calibration(
         pipe,
         calibration_prompts(cal),
@@ -149,6 +164,29 @@ def build(model: str, recipes: tuple[str, ...] = RECIPES, progress: bool = True)
         call_kwargs=cal.call_kwargs,
         progress=progress,
     )
+    if path is not None:
+        save_calibration(calib, path, key)
+    return calib
+
+
+def build(
+    model: str,
+    recipes: tuple[str, ...] = RECIPES,
+    progress: bool = True,
+    calibration_cache: Path | None = None,
+    reuse_calibration: bool = True,
+) -> list[Path]:
+    """Calibrate the shipped ``model`` once and write one checkpoint per recipe."""
+    import segquant_core as sq
+    import segquant_shapes
+    from segquant_core.witness import observe_layer, write_witness
+
+    cal = calibration_spec(model, recipes[0])
+    if any(calibration_spec(model, r) != cal for r in recipes):
+        raise RuntimeError("the recipes of one model are calibrated alike by the service")
+    pipe = segquant_shapes.load_shipped(model)
+    pipe.set_progress_bar_config(disable=True)
+    calib = recorded_calibration(model, recipes[0], pipe, calibration_cache, progress, reuse_calibration)
     float_denoiser = sq.denoiser_of(pipe)
     source = {"model": f"shipped:{model}", "weights_sha256": sq.weights_sha256(source_weights_dir(model))}
     out = []
@@ -172,7 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=MODELS, action="append", help="only this model (repeatable)")
     parser.add_argument("--check", action="store_true", help="build nothing; exit 1 if any checkpoint is stale")
     parser.add_argument("--eval", action="store_true", help="build nothing; (re)write eval.json of each checkpoint")
+    parser.add_argument(
+        "--calibration-cache",
+        type=Path,
+        default=DEFAULT_CALIBRATION_CACHE,
+        help="recorded calibrations are kept here and reused while weights and settings match (default: %(default)s)",
+    )
+    parser.add_argument("--fresh-calibration", action="store_true", help="record the calibration again (and keep it)")
     args = parser.parse_args(argv)
+    cache = args.calibration_cache.expanduser()
     models = tuple(args.model or MODELS)
     if args.check:
         stale = [(m, r, s.reason) for m in models for r in RECIPES if not (s := status(m, r))]
@@ -185,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 evaluate(m, r)
         return 0
     for m in models:
-        build(m)
+        build(m, calibration_cache=cache, reuse_calibration=not args.fresh_calibration)
         for r in RECIPES:
             evaluate(m, r)
     return 0

@@ -48,9 +48,13 @@ def test_shipped_checkpoint_is_small_and_generates(model, recipe):
 
 
 def test_embedded_default_serves_the_shipped_checkpoints():
-    model = Registry.default().model(None)
-    for recipe in shipped.RECIPES:
-        assert model.variant(recipe).artifact == shipped.checkpoint_dir("mmdit", recipe)
+    registry = Registry.default()
+    assert registry.default_model.name == "shapes-mmdit"
+    for model in shipped.MODELS:
+        spec = registry.model(f"shapes-{model}")
+        assert spec.source == f"shipped:{model}" and [v.name for v in spec.variants] == ["fp", *shipped.RECIPES]
+        for recipe in shipped.RECIPES:
+            assert spec.variant(recipe).artifact == shipped.checkpoint_dir(model, recipe)
 
 
 @pytest.mark.parametrize("model,recipe", CASES)
@@ -65,7 +69,8 @@ def test_shipped_checkpoint_carries_its_fidelity(model, recipe):
 
 
 def test_models_shows_fidelity_of_the_shipped_variants_without_a_build(tmp_path):
-    """GET /models on the embedded default: both quantized variants show their PSNR with nothing built."""
+    """GET /models on the embedded default: every shipped model's quantized variants show their PSNR with
+    nothing built, and a Flux-style job runs on its shipped checkpoint (loaded on demand, not built)."""
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
@@ -74,11 +79,28 @@ def test_models_shows_fidelity_of_the_shipped_variants_without_a_build(tmp_path)
     settings = load_settings(None, cache_dir=str(tmp_path / "cache"), worker={"preload": [], "warmup": False})
     with TestClient(create_app(settings)) as client:
         body = client.get("/models").json()
-    variants = {v["name"]: v for m in body["data"] for v in m["variants"]}
-    for recipe in shipped.RECIPES:
-        fidelity = variants[recipe]["fidelity"]
-        assert fidelity is not None and fidelity["psnr"] > 25, variants[recipe]
-        assert fidelity["eval_prompt_count"] == 8 and fidelity["seeds"] == [0]
+        variants = {(m["name"], v["name"]): v for m in body["data"] for v in m["variants"]}
+        for model in shipped.MODELS:
+            for recipe in shipped.RECIPES:
+                entry = variants[(f"shapes-{model}", recipe)]
+                fidelity = entry["fidelity"]
+                assert entry["state"] == "available", entry
+                assert fidelity is not None and fidelity["psnr"] > 25, entry
+                assert fidelity["eval_prompt_count"] == 8 and fidelity["seeds"] == [0]
+        request = {
+            "prompt": "a red circle",
+            "model": "shapes-flux",
+            "variant": "w8a8-segquant",
+            "num_inference_steps": 2,
+            "seed": 0,
+        }
+        r = client.post("/generate", json=request)
+        assert r.status_code == 200, r.text
+        assert (r.json()["model"], r.json()["variant"]) == ("shapes-flux", "w8a8-segquant")
+        states = {
+            (m["name"], v["name"]): v["state"] for m in client.get("/models").json()["data"] for v in m["variants"]
+        }
+    assert states[("shapes-flux", "w8a8-segquant")] == "loaded" and states[("shapes-mmdit", "fp")] != "loaded"
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("manifest.json"))
 
 
