@@ -495,7 +495,9 @@ def test_model_picker_follows_the_chosen_model(services: dict[str, Service], pag
     expect(page.locator("#adapter-box")).to_be_visible()
 
 
-def test_adapter_picker_compares_variants_with_the_adapter(services: dict[str, Service], page: Any) -> None:
+def test_adapter_picker_compares_variants_with_the_adapter(
+    services: dict[str, Service], page: Any, tmp_path: Path
+) -> None:
     """Picking an adapter sets its default scale, offers (never forces) its trigger word, and every variant's
     job carries it; the same seed without the adapter gives another image."""
     _open(page, services["open"].url)
@@ -530,6 +532,7 @@ def test_adapter_picker_compares_variants_with_the_adapter(services: dict[str, S
     assert re.fullmatch(r"∞|\d+\.\d\d dB", _figure(page, "w8a8-segquant", "psnr"))
     expect(page.locator("#run-status")).to_contain_text(f"adapter {ADAPTER} × {ADAPTER_SCALE}")
     with_adapter = _card(page, "fp").locator("img").get_attribute("src")
+    _save_screenshot(page, tmp_path, "playground-adapter.png")
 
     adapter.select_option("")  # the same prompt and seed without it
     expect(page.locator("#trigger-hint")).to_be_hidden()
