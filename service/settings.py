@@ -83,9 +83,9 @@ class WorkerSettings(BaseModel):
     warmup: bool = Field(True, description="run a one-step generation after loading a variant (lazy setup costs)")
     max_loaded_variants: int = Field(3, ge=1, description="pipelines kept in memory (LRU)")
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call when batching compatible jobs")
-    batch_wait_ms: int = Field(50, ge=0, description="how long to wait for more compatible jobs")
     adapter_cache_size: int = Field(4, ge=1, description="LoRA adapters kept loaded per denoiser (LRU); at least "
                                                          "limits.max_loras_per_request")
+    batch_wait_ms: int = Field(50, ge=0, description="how long to wait for more compatible jobs")
     drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: finish the running batch this long, "
                                                            "then stop it and hand its jobs back")
     memory_budget_bytes: int | None = Field(None, ge=1, description="estimated activation bytes per pipeline "
@@ -139,7 +139,6 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    @model_validator(mode="after")
     def _adapters_fit_the_cache(self) -> Settings:
         if self.worker.adapter_cache_size < self.limits.max_loras_per_request:
             raise ValueError(f"worker.adapter_cache_size ({self.worker.adapter_cache_size}) must be at least "
@@ -147,6 +146,7 @@ class Settings(BaseSettings):
                              "adapters must all stay loaded")
         return self
 
+    @model_validator(mode="after")
     def _no_placeholder_keys(self) -> Settings:
         for key in self.api_keys:
             if key.get_secret_value() in ("changeme", "change-me", "secret", ""):
