@@ -161,8 +161,12 @@ function renderAdapterChoices(reset = false) {
   const select = $("adapter");
   const previous = reset ? NO_ADAPTER : select.value;
   $("adapter-box").hidden = adapters.length === 0;
-  select.replaceChildren(el("option", { value: NO_ADAPTER, text: "None" }),
-    ...adapters.map((a) => el("option", { value: a.name, text: a.name })));
+  const values = [NO_ADAPTER, ...adapters.map((a) => a.name)];
+  const same = values.length === select.options.length && values.every((v, i) => select.options[i].value === v);
+  if (!same) { // rebuilt only when the list changed, so a periodic refresh leaves an open list alone
+    select.replaceChildren(el("option", { value: NO_ADAPTER, text: "None" }),
+      ...adapters.map((a) => el("option", { value: a.name, text: a.name })));
+  }
   const kept = adapters.some((a) => a.name === previous);
   select.value = kept ? previous : NO_ADAPTER;
   if (!kept) applyAdapterDefaults();
