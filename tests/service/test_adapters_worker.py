@@ -1,5 +1,6 @@
 """The worker's side of adapters: the per-denoiser LRU (loads on first use, unloads the least recently used one
-not needed now, activates exactly the batch's set) and the batcher, which never mixes adapter sets."""
+not needed now, activates exactly the batch's set, also on a denoiser compiled before) and the batcher, which
+never mixes adapter sets."""
 
 from __future__ import annotations
 
@@ -121,13 +122,9 @@ def test_the_batcher_never_mixes_adapter_sets() -> None:
         assert len({tuple(p.adapter_scales().items()) for p in batch}) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: torch.compile does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards "
-    "is True), so adapters loaded after a denoiser was compiled are silently ignored; compiling with hook guards "
-    "on fixes it (compile is on by default on CUDA). Remove this marker once segquant_core compiles with them.",
-)
 def test_adapters_apply_to_a_denoiser_compiled_before_they_were_loaded(model: ModelSpec) -> None:
+    """Dynamo skips guards on module hooks by default, and an adapter is a forward hook: without the guards that
+    ``compile_denoiser`` turns on, a worker that compiled at load would silently serve images without it."""
     from segquant_core.compile import compile_denoiser
 
     eager, compiled = TwoLayers(), TwoLayers()
