@@ -128,6 +128,9 @@ def compile_denoiser(
     same graph without generating code; the tests use it).
     """
     n = bind_layers(model, cache_key)
+    # Dynamo skips guards on module hooks by default: an adapter loaded after compiling (a LoRA side branch is a
+    # forward hook) would be silently ignored. With the guards it recompiles instead (correct, and slow).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     model.compile(fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
     logger.info("compiling %s (%d quantized layers as segquant ops)", type(model).__name__, n)
     if example_kwargs is None:
