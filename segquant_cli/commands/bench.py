@@ -225,6 +225,16 @@ def run(args: argparse.Namespace) -> int:
     print_table(title, rows, columns)
     path = write_json(Path(args.json), args.level, env, rows, command)
     md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)
+    if args.level in ("block", "pipeline"):  # issue 15's speed targets, met / not met
+        from segquant_core.bench.block import block_targets
+        from segquant_core.bench.pipeline import pipeline_targets
+        from segquant_core.bench.report import markdown_table
+
+        targets = block_targets(rows) if args.level == "block" else pipeline_targets(rows)
+        if targets:
+            print_table("targets (issue 15)", targets, ["target", "measured", "limit", "met"])
+            with md.open("a") as f:
+                f.write("\n" + markdown_table(targets, ["target", "measured", "limit", "met"]))
     print(f"wrote {path} and {md}")
     return 0
 

@@ -149,6 +149,34 @@ def run_pipeline_bench(
     return rows
 
 
+# Issue 15's pipeline targets: speed-up of each quantized variant over fp in the same mode (eager vs eager fp,
+# compiled vs compiled fp), batch 1 and 4.
+PIPELINE_TARGETS = {"w8a8": 1.3, "w8a8-segquant": 1.1, "w4a8-segquant": 1.1}
+
+
+def pipeline_targets(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Met / not met per variant and mode (only the variants the issue names)."""
+    items: list[dict[str, object]] = []
+    for row in rows:
+        name = str(row["variant"])
+        compiled = name.endswith("+compiled")
+        limit = PIPELINE_TARGETS.get(name.removesuffix("+compiled"))
+        if limit is None:
+            continue
+        measured = row.get("vs_fp_compiled") if compiled else row["vs_fp"]
+        if measured is None:
+            continue
+        items.append(
+            {
+                "target": f"{name} vs {'compiled ' if compiled else ''}fp, batch {row['batch']}",
+                "measured": measured,
+                "limit": f">= {limit}",
+                "met": float(measured) >= limit,  # type: ignore[arg-type]
+            }
+        )
+    return items
+
+
 def _compiled_pipeline(load_pipeline: Callable[[], Any], artifact: Path | None, device: str, dtype: torch.dtype) -> Any:
     """A fresh pipeline with the variant's checkpoint loaded as the worker loads it, its denoiser compiled
     (compilation itself happens on the first call)."""
