@@ -27,16 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from segquant_core.lora_branch import LayerSlot, group_siblings
 from segquant_core.lora_keys import LoraError, LoraPair, read_pairs
 from segquant_core.seglinear import SegLinear
 
 logger = logging.getLogger(__name__)
 
 _SLOT_ATTR = "_segquant_lora_slot"
+_HANDLE_ATTR = "_segquant_lora_hook"
 _REGISTRY_ATTR = "_segquant_loras"
 
 
@@ -51,41 +51,11 @@ class LoraInfo:
     params: int
 
 
-class _LayerSlot:
-    """Adapters of one layer and the stacked pair of the active ones (not a Module: stays out of state_dict)."""
-
-    def __init__(self) -> None:
-        self.pairs: dict[str, LoraPair] = {}
-        self.down: torch.Tensor | None = None  # [R, in], active adapters stacked
-        self.up: torch.Tensor | None = None  # [out, R], each adapter's scale · alpha/r folded in
-        self.cast: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self.handle: RemovableHandle | None = None
-
-    def activate(self, scales: dict[str, float]) -> None:
-        live = [(self.pairs[n], s) for n, s in scales.items() if n in self.pairs and s != 0.0]
-        self.cast = {}
-        if not live:
-            self.down = self.up = None
-            return
-        self.down = torch.cat([p.down for p, _ in live], 0)
-        self.up = torch.cat([p.up * (s * p.scale) for p, s in live], 1)
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.down is None or self.up is None:
-            return None
-        key = (x.device, x.dtype)
-        if key not in self.cast:
-            self.cast[key] = (self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
-        down, up = self.cast[key]
-        return F.linear(F.linear(x, down), up)
-
-
 def _hook(
     module: nn.Module, args: tuple[torch.Tensor, ...], kwargs: dict[str, torch.Tensor], output: torch.Tensor
 ) -> torch.Tensor:
-    slot: _LayerSlot = module.__dict__[_SLOT_ATTR]
-    delta = slot.branch(args[0] if args else kwargs["input"])
-    return output if delta is None else output + delta.to(output.dtype)
+    slot: LayerSlot = module.__dict__[_SLOT_ATTR]
+    return slot.apply(args[0] if args else kwargs["input"], output)
 
 
 def _registry(model: nn.Module) -> dict[str, LoraInfo]:
@@ -98,6 +68,19 @@ def _active(model: nn.Module) -> dict[str, float]:
 
 def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | SegLinear)}
+
+
+def _slots(model: nn.Module) -> dict[str, LayerSlot]:
+    """Every adapted layer's slot, by module name."""
+    return {n: m.__dict__[_SLOT_ATTR] for n, m in _adaptable(model).items() if _SLOT_ATTR in m.__dict__}
+
+
+def _restack(model: nn.Module, scales: dict[str, float]) -> None:
+    """Activate ``scales`` in every slot, then rebuild the shared-input groups over the result."""
+    slots = _slots(model)
+    for slot in slots.values():
+        slot.activate(scales)
+    group_siblings(slots)
 
 
 def _match(raw_name: str, layers: dict[str, nn.Module], kohya: dict[str, str] | None, file: Path) -> str:
@@ -148,9 +131,9 @@ def load_lora(
         layer = layers[target]
         slot = layer.__dict__.get(_SLOT_ATTR)
         if slot is None:
-            slot = _LayerSlot()
+            slot = LayerSlot(int(layer.in_features))
             layer.__dict__[_SLOT_ATTR] = slot
-            slot.handle = layer.register_forward_hook(_hook, with_kwargs=True)
+            layer.__dict__[_HANDLE_ATTR] = layer.register_forward_hook(_hook, with_kwargs=True)
         slot.pairs[name] = pair
     info = LoraInfo(
         name,
@@ -164,6 +147,8 @@ def load_lora(
         logger.info("lora %s: skipped %d text-encoder keys", name, len(raw.skipped))
     if activate:
         set_adapters(model, {**_active(model), name: scale})
+    else:
+        _restack(model, _active(model))
     return info
 
 
@@ -181,10 +166,7 @@ def set_adapters(model: nn.Module, scales: dict[str, float]) -> None:
     want = {n: float(s) for n, s in scales.items()}
     if want == _active(model):
         return
-    for layer in _adaptable(model).values():
-        slot = layer.__dict__.get(_SLOT_ATTR)
-        if slot is not None:
-            slot.activate(want)
+    _restack(model, want)
     model.__dict__["_segquant_lora_active"] = want
 
 
@@ -196,6 +178,18 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
 def list_loras(model: nn.Module) -> dict[str, LoraInfo]:
     """Every loaded adapter, active or not."""
     return dict(_registry(model))
+
+
+def shared_down_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """Layers whose active adapters share one down-projection GEMM (attention siblings reading one input).
+
+    A group drops out of this list for good once a forward shows its members read different tensors.
+    """
+    groups: dict[int, list[str]] = {}
+    for name, slot in _slots(model).items():
+        if slot.group is not None and slot.group.shares(slot):
+            groups.setdefault(id(slot.group), []).append(name)
+    return sorted(tuple(sorted(names)) for names in groups.values() if len(names) > 1)
 
 
 def unload_lora(model: nn.Module, name: str | None = None) -> None:
@@ -212,14 +206,12 @@ def unload_lora(model: nn.Module, name: str | None = None) -> None:
             continue
         for n in names:
             slot.pairs.pop(n, None)
-        if slot.pairs:
-            slot.activate(active)
-        else:
-            assert slot.handle is not None
-            slot.handle.remove()
+        if not slot.pairs:
+            layer.__dict__.pop(_HANDLE_ATTR).remove()
             del layer.__dict__[_SLOT_ATTR]
     for n in names:
         del known[n]
+    _restack(model, active)
     model.__dict__["_segquant_lora_active"] = active
 
 
@@ -242,7 +234,7 @@ def fuse_lora(model: nn.Module) -> list[str]:
             f"adapters into the float model before quantizing"
         )
     for layer, slot in live.values():
-        layer.weight += (slot.up @ slot.down).to(layer.weight.device, layer.weight.dtype)
+        layer.weight += slot.delta_weight().to(layer.weight.device, layer.weight.dtype)
     unload_lora(model)
     return sorted(live)
 
@@ -255,5 +247,6 @@ __all__ = [
     "list_loras",
     "load_lora",
     "set_adapters",
+    "shared_down_groups",
     "unload_lora",
 ]

@@ -13,6 +13,7 @@ Usage: ``python -m segquant_shapes.train_lora --out runs/lora_outlined --minutes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -95,9 +97,52 @@ def init_from_adapter(path: Path, wrapped: dict[str, TrainableLora]) -> None:
         w.lora_B.copy_(b / w.scale)
 
 
-def _text_table(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def caption_keep_mask(n_outlined: int, batch: int, args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
+    """1 keeps a caption, 0 drops it (the unconditional input). The first ``n_outlined`` rows are outlined.
+
+    Only filled rows are dropped unless ``--drop-outlined``: a dropped outlined row teaches the adapter to
+    draw outlines *without* the trigger, which moves the unconditional prediction, the anchor classifier-
+    free guidance pushes away from, towards the style and so cancels part of the style at sampling time.
+    """
+    keep = (torch.rand(batch, generator=gen) >= args.caption_dropout).float()
+    if not args.drop_outlined:
+        keep[:n_outlined] = 1.0
+    return keep
+
+
+def learning_rate(args: argparse.Namespace, step: int, elapsed_s: float) -> float:
+    """Linear warm-up over ``--warmup`` steps, then constant, or with ``--cosine`` a cosine decay to 10 %.
+
+    The decay follows whichever budget (steps or minutes) runs out first, so a minute-budgeted run on a
+    busy machine still ends at the low rate.
+    """
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    if not args.cosine:
+        return args.lr * warm
+    done = elapsed_s / (args.minutes * 60)
+    if args.steps:
+        done = max(done, step / args.steps)
+    return args.lr * warm * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, done))))
+
+
+def text_table(captions: list[str], cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (token states, pooled) of ``captions``; with ``cache`` read from / written to that safetensors file.
+
+    Encoding the ~5,000 captions takes minutes of CPU on a busy machine, and a continued run encodes the
+    same list again: the file is reused when its recorded caption digest matches.
+    """
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("captions_sha256") == digest:
+                return f.get_tensor("states"), f.get_tensor("pooled")
     states, pooled = encode_prompts(captions, MAX_TOKENS)
-    return states.half(), pooled.half()
+    states, pooled = states.half(), pooled.half()
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        save_file({"states": states, "pooled": pooled}, str(tmp), metadata={"captions_sha256": digest})
+        tmp.replace(cache)
+    return states, pooled
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -126,7 +171,13 @@ def run(args: argparse.Namespace) -> Path:
     outlined = CaptionBank(variants=2, n_multi=0, seed=args.seed + 1, style="outlined")
     filled = CaptionBank(variants=1, n_multi=100, seed=args.seed + 2)
     log.info("encoding %d + %d captions", len(outlined), len(filled))
-    tables = [_text_table(outlined.captions), _text_table(filled.captions)]
+    cache = Path(args.text_cache) if args.text_cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    tables = [
+        text_table(outlined.captions, cache and cache / "outlined.safetensors"),
+        text_table(filled.captions, cache and cache / "filled.safetensors"),
+    ]
     t0, step, window = time.time(), 0, []
     info: dict[str, object] = {}
     while step < (args.steps or 10**9) and time.time() - t0 < args.minutes * 60:
@@ -143,9 +194,9 @@ def run(args: argparse.Namespace) -> Path:
                 pooled.append(po[torch.from_numpy(idx)].float())
         x0 = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         s, p = torch.cat(states), torch.cat(pooled)
-        keep = (torch.rand(x0.shape[0], generator=gen) >= args.caption_dropout).float()
+        keep = caption_keep_mask(n_out, x0.shape[0], args, gen)
         for g in opt.param_groups:
-            g["lr"] = args.lr * min(1.0, (step + 1) / 50)
+            g["lr"] = learning_rate(args, step, time.time() - t0)
         loss = flow_loss(model, x0, s * keep.view(-1, 1, 1), p * keep.view(-1, 1), gen, bf16=True)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,6 +215,8 @@ def run(args: argparse.Namespace) -> Path:
             "loss": float(np.mean(window)),
             "train_seconds": round(time.time() - t0, 1),
             "command": command,
+            "init_from": args.init_from or None,
+            "outlined_captions_dropped": bool(args.drop_outlined),
             "base": "segquant_shapes/weights/mmdit",
             "trainable_params": n_params,
         }
@@ -188,6 +241,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--outlined-share", type=float, default=0.5, help="share of each batch drawn outlined")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    p.add_argument(
+        "--drop-outlined", action="store_true", help="also drop captions of outlined rows (the first run did)"
+    )
+    p.add_argument("--text-cache", default="", help="folder for the encoded caption tables (reused when equal)")
+    p.add_argument("--cosine", action="store_true", help="cosine-decay the rate to 10%% over the budget")
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-from", default="", help="continue from this adapter file (same rank; fresh optimizer)")
