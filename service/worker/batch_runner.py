@@ -91,6 +91,8 @@ class BatchRunner:
             return
         except Exception as e:  # any load failure fails these jobs (each logged by fail()), not the worker
             reason = f"variant {key} could not be loaded: {type(e).__name__}: {e}"
+            with self.errors.swallow("advertising"):
+                await self._advertise()  # GET /models shows the failed state and its reason before the jobs fail
             for it in batch:
                 await self.fail(it, FailureReason.MODEL_UNAVAILABLE, reason)
             return
