@@ -36,14 +36,26 @@ def _static_single(x: torch.Tensor, smooth: torch.Tensor, scale: torch.Tensor, d
     return (codes + offset if offset else codes).to(dtype)
 
 
+def _halves(xf: torch.Tensor, sp: torch.Tensor, sn: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Both DualScale halves ``[2·M, K]`` (positive codes, then negative codes) of ``xf [M, K]``.
+
+    Written as one broadcast over ``[2, M, K]`` with a per-half sign (``(xf·s).clamp(min=0)·s`` is the
+    positive part for s = 1 and the negative part for s = -1, exactly) rather than a ``cat`` of the two
+    halves: Inductor lowers a cat to one loop with a masked load per element, which it does not vectorise,
+    and the static dual encode then cost ~5x a single-scale one (1024x6144, docs/benchmarks.md). The codes
+    are the same: pos = clamp(round(x⁺ / sp), 0, 127), neg = clamp(round(x⁻ / sn), -128, 0).
+    ``sp``/``sn`` are 0-dim (static), ``[1, 1]`` (per tensor) or ``[M, 1]`` (per token).
+    """
+    sign = torch.tensor([1.0, -1.0], device=xf.device).reshape(2, 1, 1)
+    scale = torch.stack((sp, sn)).reshape(2, -1, 1)
+    codes = torch.clamp(torch.round((xf * sign).clamp(min=0.0) * sign / scale), -128.0, 127.0)
+    codes = codes + 128.0 if dtype == torch.uint8 else codes
+    return codes.to(dtype).reshape(2 * xf.shape[0], xf.shape[1])
+
+
 def _static_dual(x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: torch.Tensor,
                  dtype: torch.dtype) -> torch.Tensor:
-    xf = x.float() / smooth
-    offset = 128.0 if dtype == torch.uint8 else 0.0
-    pos = torch.clamp(torch.round(xf.clamp(min=0.0) / sp), 0.0, 127.0)
-    neg = torch.clamp(torch.round(xf.clamp(max=0.0) / sn), -128.0, 0.0)
-    codes = torch.cat((pos, neg))
-    return (codes + offset if offset else codes).to(dtype)
+    return _halves(x.float() / smooth, sp, sn, dtype)
 
 
 def _scale(amax: torch.Tensor, denom: float) -> torch.Tensor:
@@ -57,15 +69,11 @@ def _single_codes(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> t
     return (codes + offset if offset else codes).to(dtype), scale.expand(xf.shape[0], 1)
 
 
-def _dual_codes(xp: torch.Tensor, xn: torch.Tensor, ap: torch.Tensor, an: torch.Tensor,
+def _dual_codes(xf: torch.Tensor, ap: torch.Tensor, an: torch.Tensor,
                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    offset = 128.0 if dtype == torch.uint8 else 0.0
     sp, sn = _scale(ap, 127.0), _scale(an, 128.0)
-    pos = torch.clamp(torch.round(xp / sp), 0.0, 127.0)
-    neg = torch.clamp(torch.round(xn / sn), -128.0, 0.0)
-    m = xp.shape[0]
-    codes = torch.cat((pos, neg))
-    return (codes + offset if offset else codes).to(dtype), torch.cat((sp.expand(m, 1), sn.expand(m, 1)))
+    m = xf.shape[0]
+    return _halves(xf, sp, sn, dtype), torch.cat((sp.expand(m, 1), sn.expand(m, 1)))
 
 
 def _token_single(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,13 +89,13 @@ def _tensor_single(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) ->
 def _token_dual(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float() / smooth
     xp, xn = xf.clamp(min=0.0), xf.clamp(max=0.0)
-    return _dual_codes(xp, xn, xp.amax(dim=-1, keepdim=True), (-xn).amax(dim=-1, keepdim=True), dtype)
+    return _dual_codes(xf, xp.amax(dim=-1, keepdim=True), (-xn).amax(dim=-1, keepdim=True), dtype)
 
 
 def _tensor_dual(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x.float() / smooth
     xp, xn = xf.clamp(min=0.0), xf.clamp(max=0.0)
-    return _dual_codes(xp, xn, xp.amax().reshape(1, 1), (-xn).amax().reshape(1, 1), dtype)
+    return _dual_codes(xf, xp.amax().reshape(1, 1), (-xn).amax().reshape(1, 1), dtype)
 
 
 _FLAVOURS: dict[str, Callable] = {
