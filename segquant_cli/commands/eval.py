@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from segquant_cli.commands.quantize import calibration_size, drop_list
 from segquant_cli.errors import CLIError
@@ -47,6 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="NAME[:SCALE]: attach this adapter to every variant after quantizing (file, "
         "directory, or a name under the model's loras/); its eval_prompts.txt is the default prompts",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every variant's denoiser, fp included (same images up to float rounding)",
+    )
     p.add_argument("--out", required=True, help="report directory (report.json, report.md, grid.png)")
     p.set_defaults(run=run)
 
@@ -59,6 +65,22 @@ def _lines(path: str) -> list[str]:
     if not out:
         raise CLIError(f"{path}: no prompts in it")
     return out
+
+
+def _after_build(attach: Any, compiled: bool) -> Any:
+    """What runs on each variant's pipeline before it generates: the adapter, then compilation."""
+    if not compiled:
+        return attach
+
+    def build(pipe: Any, variant: str) -> None:
+        from segquant_core.calibrate.capture import denoiser_of
+        from segquant_core.compile import compile_denoiser
+
+        if attach is not None:
+            attach(pipe, variant)
+        compile_denoiser(denoiser_of(pipe))
+
+    return build
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         scorer=scorer if callable(scorer) else None,
         artifacts_dir=args.artifacts,
         call_kwargs=size,
-        after_build=lora.attach if lora else None,
+        after_build=_after_build(lora.attach if lora else None, args.compile),
     )
     paths = write_report(report, args.out)
     print(paths["markdown"].read_text())
