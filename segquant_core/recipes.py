@@ -15,6 +15,10 @@ Every switch is one flag away: ``recipe("w8a8-segquant", dual=False)`` or, as a 
 ``"w8a8-segquant:dual=off,gptq=on,lowrank=16"`` (``+`` also separates switches, handy inside
 comma-separated lists: ``"w8a8-smooth:seg=on+dual=on"``). Per-layer overrides and excludes are fnmatch globs
 over module names (``"transformer_blocks.*.ff.net.2"``); later overrides win.
+
+``dual=on`` applies DualScale where the plan asks for it, per in-segment where the plan lists one flag per
+segment (Flux's single-stream ``proj_out``: the GELU-MLP part only); with ``seg=off`` such a layer has no
+segments, so it gets DualScale only if all of its input comes from an activation.
 """
 
 from __future__ import annotations
@@ -48,10 +52,11 @@ class LayerOverride:
         allowed = {f.name for f in fields(Recipe)} - {"name", "overrides", "excludes", "version"}
         unknown = set(rest) - allowed
         if unknown:
-            raise ValueError(f"override for {d['pattern']!r}: unknown keys {sorted(unknown)}; "
-                             f"allowed: exclude, {', '.join(sorted(allowed))}")
-        return cls(pattern=d["pattern"], exclude=bool(d.get("exclude", False)),
-                   changes=tuple(sorted(rest.items())))
+            raise ValueError(
+                f"override for {d['pattern']!r}: unknown keys {sorted(unknown)}; "
+                f"allowed: exclude, {', '.join(sorted(allowed))}"
+            )
+        return cls(pattern=d["pattern"], exclude=bool(d.get("exclude", False)), changes=tuple(sorted(rest.items())))
 
     def to_dict(self) -> dict[str, Any]:
         return {"pattern": self.pattern, "exclude": self.exclude, **dict(self.changes)}
@@ -69,6 +74,8 @@ class LayerSpec:
     gptq: bool
     lowrank: int
     smooth_scope: str = "layer"
+    # which in-segments get DualScale when only some do (None: all segments follow ``activation.dual``)
+    dual_segments: tuple[bool, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,11 +147,23 @@ class Recipe:
                 r = replace(r, **dict(ov.changes))
         if r.weight is None:
             return None
-        dual = bool(r.dual and plan is not None and plan.dual_scale)
         segments = plan.segments if (r.seg and plan is not None) else None
+        mask = plan.dual_mask if (r.dual and plan is not None) else (False,)
+        # Per-segment DualScale needs the segments: unsegmented, a layer is dual only if all of its input is.
+        dual_segments = mask if (segments is not None and len(set(mask)) > 1) else None
+        dual = any(mask) if dual_segments is not None else all(mask)
         grid = tuple(r.alpha_grid) if r.search else (float(r.alpha),)
-        return LayerSpec(r._weight_spec(), r._activation_spec(dual), segments, r.smooth, grid, r.gptq, r.lowrank,
-                         r.smooth_scope)
+        return LayerSpec(
+            r._weight_spec(),
+            r._activation_spec(dual),
+            segments,
+            r.smooth,
+            grid,
+            r.gptq,
+            r.lowrank,
+            r.smooth_scope,
+            dual_segments,
+        )
 
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -174,9 +193,17 @@ _PRESETS: dict[str, Recipe] = {
     "w8a8": Recipe("w8a8"),
     "w8a8-smooth": Recipe("w8a8-smooth", smooth=True),
     "w8a8-segquant": Recipe("w8a8-segquant", smooth=True, seg=True, dual=True),
-    "w4a8-segquant": Recipe("w4a8-segquant", weight="int4", weight_granularity="channel",
-                            activation_granularity="token", dynamic=True, smooth=True, seg=True,
-                            dual=True, gptq=True),
+    "w4a8-segquant": Recipe(
+        "w4a8-segquant",
+        weight="int4",
+        weight_granularity="channel",
+        activation_granularity="token",
+        dynamic=True,
+        smooth=True,
+        seg=True,
+        dual=True,
+        gptq=True,
+    ),
     "fp8-segquant": Recipe("fp8-segquant", weight="fp8_e4m3", activation="fp8_e4m3", seg=True, dual=True),
 }
 

@@ -20,7 +20,7 @@ never writes into its caller's input.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,12 @@ def tensor_bytes_once(t: torch.Tensor, seen: set[int]) -> int:
 
 @dataclass(frozen=True)
 class SegLinearConfig:
-    """Everything needed to rebuild an empty :class:`SegLinear` (the artifact stores it as JSON)."""
+    """Everything needed to rebuild an empty :class:`SegLinear` (the artifact stores it as JSON).
+
+    ``dual_segments`` says which in-segments get DualScale when only some do (Flux's single-stream
+    ``proj_out``: attention | GELU-MLP); ``None`` means every segment follows ``activation.dual``, which is
+    also how configs written before per-segment DualScale read.
+    """
 
     in_features: int
     out_features: int
@@ -63,6 +68,37 @@ class SegLinearConfig:
     bias: bool
     smooth: bool = False
     lowrank_rank: int = 0
+    dual_segments: tuple[bool, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.dual_segments is None:
+            return
+        mask = tuple(bool(f) for f in self.dual_segments)
+        act = self.activation
+        if act is None or not act.dual:
+            raise ValueError("dual_segments needs a DualScale activation spec (activation.dual = true)")
+        if len(mask) != self.segments.count:
+            raise ValueError(f"dual_segments has {len(mask)} flags for {self.segments.count} segments")
+        if all(mask):
+            object.__setattr__(self, "dual_segments", None)
+            return
+        if not any(mask):
+            object.__setattr__(self, "activation", replace(act, dual=False))
+            object.__setattr__(self, "dual_segments", None)
+            return
+        if self.segments.axis != "in":
+            raise ValueError("out-segments all read the same input: their DualScale is one flag for the layer")
+        object.__setattr__(self, "dual_segments", mask)
+
+    def segment_activation(self, index: int) -> ActivationSpec | None:
+        """Segment ``index``'s activation quantizer (DualScale or not, per ``dual_segments``)."""
+        act = self.activation
+        if act is None or self.dual_segments is None or self.dual_segments[index]:
+            return act
+        return replace(act, dual=False)
+
+    def segment_activations(self) -> list[ActivationSpec | None]:
+        return [self.segment_activation(i) for i in range(self.segments.count)]
 
     def segment_shapes(self) -> list[tuple[int, int]]:
         """``[(n_k, k_k)]``: the weight block shape of every segment."""
@@ -80,7 +116,7 @@ class SegLinearConfig:
             "bias": self.bias,
             "smooth": self.smooth,
             "lowrank_rank": self.lowrank_rank,
-        }
+        } | ({"dual_segments": list(self.dual_segments)} if self.dual_segments is not None else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegLinearConfig:
@@ -93,6 +129,7 @@ class SegLinearConfig:
             bias=bool(d["bias"]),
             smooth=bool(d.get("smooth", False)),
             lowrank_rank=int(d.get("lowrank_rank", 0)),
+            dual_segments=tuple(d["dual_segments"]) if d.get("dual_segments") is not None else None,
         )
 
 
@@ -106,7 +143,8 @@ class QuantSegment(nn.Module):
     lowrank_down: torch.Tensor | None
     lowrank_up: torch.Tensor | None
 
-    def __init__(self, n: int, k: int, cfg: SegLinearConfig) -> None:
+    def __init__(self, n: int, k: int, cfg: SegLinearConfig, act: ActivationSpec | None) -> None:
+        """``act`` is this segment's activation quantizer (:meth:`SegLinearConfig.segment_activation`)."""
         super().__init__()
         ws = cfg.weight
         if ws is None:
@@ -121,13 +159,13 @@ class QuantSegment(nn.Module):
         n_scales = (n if ws.granularity.value == "channel" else 1) if ws else 0
         self.register_buffer("weight_scale", torch.ones(n_scales) if ws else None)
         self.register_buffer("smooth", torch.ones(k) if cfg.smooth else None)
-        act = cfg.activation
         static = act is not None and not act.dynamic
         self.register_buffer("act_scale", torch.ones(act.parts) if static else None)
         r = cfg.lowrank_rank
         self.register_buffer("lowrank_down", torch.zeros(k, r) if r else None)
         self.register_buffer("lowrank_up", torch.zeros(r, n) if r else None)
         self.fmt = ws.fmt if ws else None
+        self.activation = act  # this segment's activation quantizer (None: float input)
         self.recover: Callable[[], torch.Tensor] | None = None  # set while a kernel holds the codes
 
     def quantized_weight(self) -> QuantizedWeight:
@@ -168,7 +206,9 @@ class SegLinear(nn.Module):
         self.cfg = cfg
         self.in_features = cfg.in_features
         self.out_features = cfg.out_features
-        self.segs = nn.ModuleList(QuantSegment(n, k, cfg) for n, k in cfg.segment_shapes())
+        self.segs = nn.ModuleList(
+            QuantSegment(n, k, cfg, act) for (n, k), act in zip(cfg.segment_shapes(), cfg.segment_activations())
+        )
         self.register_buffer("bias", torch.zeros(cfg.out_features) if cfg.bias else None)
         self._backend: Backend | None = None
         self._prepared: Any = None
@@ -240,6 +280,9 @@ class SegLinear(nn.Module):
         self._prepared = backend.prepare(self)
         if backend.holds_codes(self._prepared):
             self.release_codes()
+        from segquant_core.backends.ops import bind
+
+        bind(self)  # the handle its custom op finds it by under torch.compile (fresh: a copy never aliases)
 
     # ------------------------------------------------------------------ one resident copy of each weight
     @property
@@ -280,9 +323,6 @@ class SegLinear(nn.Module):
             return
         codes = self._released.recover_codes(self, self._prepared)
         if codes is None:  # holds_codes() promised otherwise: a backend bug, not bad input
-        from segquant_core.backends.ops import bind
-
-        bind(self)  # the handle its custom op finds it by under torch.compile (fresh: a copy never aliases)
             raise RuntimeError(f"backend {self._released.name!r} released codes it cannot recover")
         for seg, c in zip(self.segs, codes):
             seg.weight = c
@@ -328,6 +368,10 @@ class SegLinear(nn.Module):
             and not self.cfg.lowrank_rank
         ):
             return F.linear(x, self.segs[0].weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if torch.compiler.is_compiling():  # one opaque custom op per layer: no graph break
+            from segquant_core.backends.ops import compiled_forward
+
+            return compiled_forward(self, x)
         backend = self.backend
         x2d = x.reshape(-1, self.in_features)
         y = backend.run(self, self._prepared, x2d)
@@ -364,15 +408,10 @@ class SegLinear(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         w = c.weight.fmt.value if c.weight else "float"
-        a = (
-            (c.activation.fmt.value + ("-dual" if c.activation.dual else "") + ("-dyn" if c.activation.dynamic else ""))
-            if c.activation
-            else "float"
-        if torch.compiler.is_compiling():  # one opaque custom op per layer: no graph break
-            from segquant_core.backends.ops import compiled_forward
-
-            return compiled_forward(self, x)
-        )
+        dual = "" if c.activation is None or not c.activation.dual else "-dual"
+        if dual and c.dual_segments is not None:
+            dual += str([i for i, d in enumerate(c.dual_segments) if d])
+        a = (c.activation.fmt.value + dual + ("-dyn" if c.activation.dynamic else "")) if c.activation else "float"
         segs = f"{c.segments.axis}{list(c.segments.sizes)}" if len(c.segments.sizes) > 1 else "1"
         backend = self._backend.name if self._backend else "unset"
         return (

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from segquant_cli.models import load_denoiser
+
+if TYPE_CHECKING:
+    from segquant_core.detect.plan import LayerPlan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +46,17 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("dual-scale")
     for rec in plan:
         seg = "—" if rec.segments is None else f"{rec.segments.axis} {_sizes(rec.segments.sizes)}"
-        table.add_row(rec.layer, seg, "yes" if rec.dual_scale else "")
+        table.add_row(rec.layer, seg, _dual(rec))
     Console().print(table)
     return 0
+
+
+def _dual(rec: LayerPlan) -> str:
+    """``yes``, blank, or which in-segments are dual (``segment 1``)."""
+    if not isinstance(rec.dual_scale, tuple):
+        return "yes" if rec.dual_scale else ""
+    dual = [str(i) for i, d in enumerate(rec.dual_scale) if d]
+    return f"segment{'s' if len(dual) > 1 else ''} {', '.join(dual)}"
 
 
 def _sizes(sizes: tuple[int, ...]) -> str:

@@ -257,7 +257,9 @@ class OneDNNInt8Backend(GroupedGemmBackend):
             return super().run(layer, state, x)
         if isinstance(state, CpuPreparedLayer) and state.folded is not None and state.channels is not None:
             return self._folded_in_segments(state, state.channels, x)
-        kind = self._choose(groups[0].packed, x, act, groups[0].group)
+        first = groups[0].group  # the kernel is chosen on the first group's own input and quantizer
+        x_first = x if first.in_slice is None else x[:, first.in_slice[0] : first.in_slice[1]]
+        kind = self._choose(groups[0].packed, x_first, first.act or act, first)
         if kind == "fbgemm" and len(groups) == 1:
             if act.dual:
                 return self._fbgemm_dual_static(groups[0], x, act, state.bias)

@@ -3,8 +3,9 @@
 A concrete backend supplies three things: which layers it takes, how to pack a group's weight codes once,
 and one GEMM ``rows(codes) · Wᵀ ⊙ w_scale ⊙ row_scale`` in fp32. DualScale inputs arrive as ``2·M`` stacked
 rows (positive codes, then negative codes) so one GEMM call computes both halves; the two halves are then
-added with their own scales. Bias is added once: inside the group's GEMM call (or right after it) when the layer is
-a single group, else after the groups are combined.
+added with their own scales. Each group carries its own activation quantizer, so in-segments may differ in
+DualScale (Flux's single-stream ``proj_out``: only the GELU-MLP part is dual). Bias is added once: inside
+the group's GEMM call (or right after it) when the layer is a single group, else after the groups are combined.
 """
 
 from __future__ import annotations
@@ -162,8 +163,6 @@ class GroupedGemmBackend(Backend):
         return y.add_(bias) if bias is not None else y
 
     def run(self, layer: SegLinear, state: PreparedLayer, x: torch.Tensor) -> torch.Tensor:
-        act = layer.cfg.activation
-        assert act is not None
         m = x.shape[0]
         out: torch.Tensor | None = None
         if layer.cfg.segments.axis == "out" and len(state.groups) > 1:
@@ -171,7 +170,8 @@ class GroupedGemmBackend(Backend):
         for pg in state.groups:
             g = pg.group
             xk = x if g.in_slice is None else x[:, g.in_slice[0] : g.in_slice[1]]
-            y = self.group_output(pg, xk, act, state.bias if state.fuse_bias else None)
+            assert g.act is not None
+            y = self.group_output(pg, xk, g.act, state.bias if state.fuse_bias else None)
             if g.lowrank is not None:
                 xs = xk.float() if g.smooth is None else xk.float() / g.smooth
                 y = y + (xs @ g.lowrank[0].float()) @ g.lowrank[1].float()

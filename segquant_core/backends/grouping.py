@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from segquant_core.quantizers import ActivationSpec
+
 if TYPE_CHECKING:
     from segquant_core.seglinear import QuantSegment, SegLinear
 
@@ -24,6 +26,7 @@ class GemmGroup:
     in_slice: tuple[int, int] | None  # None: the whole input
     out_slice: tuple[int, int] | None  # None: accumulate into the whole output (in-segments)
     smooth: torch.Tensor | None
+    act: ActivationSpec | None  # the group's activation quantizer (in-segments may differ in DualScale)
     act_scale: torch.Tensor | None  # static scales [P]; None when dynamic
     codes: torch.Tensor | None  # unpacked weight codes [N_g, K_g] (int8 or float8); None once a kernel holds them
     w_scale: torch.Tensor  # fp32 [N_g], one per output column
@@ -62,6 +65,7 @@ def plan_gemms(layer: SegLinear) -> list[GemmGroup]:
                     (a, b),
                     None,
                     seg.smooth,
+                    seg.activation,
                     seg.act_scale,
                     seg.quantized_weight().codes(),
                     _column_scales(seg, cfg.out_features),
@@ -80,7 +84,7 @@ def plan_gemms(layer: SegLinear) -> list[GemmGroup]:
         codes = torch.cat([layer.segs[i].quantized_weight().codes() for i in run])
         scales = torch.cat([_column_scales(layer.segs[i], bounds[i][1] - bounds[i][0]) for i in run])
         lr = (first.lowrank_down, first.lowrank_up) if first.lowrank_down is not None else None
-        groups.append(GemmGroup(None, (a, b), first.smooth, first.act_scale, codes, scales, lr))
+        groups.append(GemmGroup(None, (a, b), first.smooth, first.activation, first.act_scale, codes, scales, lr))
         run.clear()
 
     for i, seg in enumerate(layer.segs):

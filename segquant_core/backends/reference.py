@@ -1,8 +1,9 @@
 """Reference backend: fake quantization in fp32 on any device — the ground truth for all other backends.
 
-Per segment: divide the input by the smoothing vector, quantize-dequantize it with the segment's
-activation quantizer, multiply by the dequantized weight block, add the low-rank branch computed on the
-*unquantized* smoothed input, then concatenate (out-segments) or sum (in-segments), and add the bias once.
+Per segment: divide the input by the smoothing vector, quantize-dequantize it with the segment's own
+activation quantizer (in-segments may differ in DualScale), multiply by the dequantized weight block, add
+the low-rank branch computed on the *unquantized* smoothed input, then concatenate (out-segments) or sum
+(in-segments), and add the bias once.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ class ReferenceBackend(Backend):
         return None
 
     def run(self, layer: SegLinear, state: Any, x: torch.Tensor) -> torch.Tensor:
-        act = layer.cfg.activation
         # fp32 for fp32/bf16/fp16 inputs; float64 inputs stay float64 (so the float path is exact there).
         dt = torch.promote_types(x.dtype, torch.float32)
         outs = []
@@ -33,6 +33,7 @@ class ReferenceBackend(Backend):
             xs = xk.to(dt)
             if seg.smooth is not None:
                 xs = xs / seg.smooth.to(dt)
+            act = seg.activation
             xq = fake_quantize_activation(xs, act, seg.act_scale).to(dt) if act is not None else xs
             w = seg.weight.to(dt) if seg.fmt is None else seg.dequantized_weight().to(dt)
             y = xq @ w.t()

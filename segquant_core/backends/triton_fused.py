@@ -12,6 +12,8 @@ What the unfused path does in several passes happens inside one tile loop here:
   their quantized input — see :mod:`.grouping`);
 * **DualScale** keeps two int32 accumulators: every X and W tile is loaded once and feeds both the
   positive-code and the negative-code dot products; the epilogue adds them with their own scales.
+  When only some in-segments are dual, the others run in the same launch with equal positive and negative
+  steps, which splits their codes by sign without changing them.
 
 Rounding is half-to-even, written with floor so that it runs identically on the GPU and in Triton's CPU
 interpreter (``TRITON_INTERPRET=1``), where the tests run it. Only static (calibrated) activation scales
@@ -189,17 +191,16 @@ class TritonFusedBackend(Backend):
 
     def prepare(self, layer: SegLinear) -> list[_Launch]:
         cfg = layer.cfg
-        act = cfg.activation
-        assert act is not None
+        assert cfg.activation is not None
         device = layer.device
         groups = plan_gemms(layer)
-        dual = act.dual
         launches: list[_Launch] = []
 
         def act_steps(g: GemmGroup) -> tuple[float, float]:
-            assert g.act_scale is not None
+            """Positive and negative steps; a single-scale group uses its one step for both signs."""
+            assert g.act_scale is not None and g.act is not None
             s = g.act_scale.float().reshape(-1)
-            return float(s[0]), float(s[1]) if dual else float(s[0])
+            return float(s[0]), float(s[1]) if g.act.dual else float(s[0])
 
         def lowrank_of(g: GemmGroup, cols: tuple[int, int]):
             if g.lowrank is None:

@@ -96,14 +96,16 @@ class _SegmentInputs:
         return s, ws, encode_weight(ws, spec.weight), lr
 
 
-def _score_alphas(seg: _SegmentInputs, spec: LayerSpec, rank: int) -> dict[float | None, float]:
+def _score_alphas(
+    seg: _SegmentInputs, spec: LayerSpec, act: ActivationSpec | None, rank: int
+) -> dict[float | None, float]:
     """Output MSE of every α candidate on the held-out rows, with scales from the ``fit`` maxima only.
 
     ``x_rows`` are held-out rows, and a smoothing vector built from maxima that include them would
     normalise every channel to exactly the held-out range (α → 1 would then never clip while scoring).
-    NaN means there was nothing to score (no rows, or a single candidate).
+    NaN means there was nothing to score (no rows, or a single candidate). ``act`` is the segment's own
+    activation quantizer (in-segments may differ in DualScale).
     """
-    act = spec.activation
     grid = spec.alpha_grid if spec.smooth else (None,)
     if not seg.x_rows.numel() or len(grid) == 1:
         return {a: float("nan") for a in grid}
@@ -131,10 +133,14 @@ def _best_alpha(errors: dict[float | None, float]) -> float | None:
 
 
 def _finalise_segment(
-    seg: _SegmentInputs, spec: LayerSpec, rank: int, alpha: float | None, errors: dict[float | None, float]
+    seg: _SegmentInputs,
+    spec: LayerSpec,
+    act: ActivationSpec | None,
+    rank: int,
+    alpha: float | None,
+    errors: dict[float | None, float],
 ) -> _SegmentResult:
     """Build the chosen α with all-data maxima, then round the weight by RTN or GPTQ."""
-    act = spec.activation
     s, ws, qw, lr = seg.candidate(spec, alpha, torch.maximum(seg.pos, seg.neg), rank)
     act_scale = _static_act_scale(act, seg.pos, seg.neg, s) if act is not None else None
     report = SegmentReport(
@@ -193,6 +199,7 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
         linear.bias is not None,
         smooth=spec.smooth,
         lowrank_rank=rank,
+        dual_segments=spec.dual_segments,
     )
     layer = SegLinear(cfg)
     reports = []
@@ -231,10 +238,11 @@ def build_seglinear(name: str, linear: nn.Linear, spec: LayerSpec, stats: InputS
                     layer_w_absmax[a:b],
                 )
             )
-    errors = [_score_alphas(seg_in, spec, rank) for seg_in in inputs]
+    acts = cfg.segment_activations()
+    errors = [_score_alphas(seg_in, spec, act, rank) for seg_in, act in zip(inputs, acts)]
     alphas = _choose_alphas(errors, segments.sizes, spec.smooth_scope)
-    for seg, seg_in, alpha, errs in zip(layer.segs, inputs, alphas, errors):
-        res = _finalise_segment(seg_in, spec, rank, alpha, errs)
+    for seg, seg_in, act, alpha, errs in zip(layer.segs, inputs, acts, alphas, errors):
+        res = _finalise_segment(seg_in, spec, act, rank, alpha, errs)
         seg.weight = res.weight.data
         seg.weight_scale = res.weight.scale
         if res.smooth is not None:

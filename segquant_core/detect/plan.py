@@ -11,6 +11,16 @@ input gets DualScale (separate positive/negative activation scales)::
 ``axis="out"`` cuts output features (the layer's output is chunked/split); ``axis="in"`` cuts input
 features (the layer's input is a concatenation or a per-head reshape). Sizes may be ragged but must sum
 to the layer's feature count on that axis.
+
+``dual_scale`` is ``true`` / ``false`` for the whole input, or, for in-segments whose parts differ (Flux's
+single-stream ``proj_out``: attention | GELU-MLP), one flag per in-segment::
+
+    {"layer": "single_transformer_blocks.0.proj_out",
+     "segments": {"axis": "in", "sizes": [3072, 12288]},
+     "dual_scale": [false, true]}
+
+A list whose flags are all equal is written (and read) as that one bool, so plans without mixed inputs look
+as they always did, and a bool in an older plan means "every segment".
 """
 
 from __future__ import annotations
@@ -67,21 +77,54 @@ class Segments:
         return cls(axis=data["axis"], sizes=tuple(data["sizes"]))
 
 
+#: DualScale of a layer: one flag for the whole input, or one per in-segment.
+DualScale = bool | tuple[bool, ...]
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What SegQuant does to one linear layer."""
 
     layer: str
     segments: Segments | None = None
-    dual_scale: bool = False
+    dual_scale: DualScale = False
     # Why detection chose this (e.g. "output chunked into 6 on dim -1"); informational, not required.
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.dual_scale, bool):
+            return
+        flags = tuple(self.dual_scale)
+        if not flags or not all(isinstance(f, bool) for f in flags):
+            raise ValueError(f"plan record for {self.layer!r}: dual_scale must be true/false or a list of them")
+        if len(set(flags)) == 1:  # the same for every segment: that is the plain flag
+            object.__setattr__(self, "dual_scale", flags[0])
+            return
+        if self.segments is None or self.segments.axis != "in" or len(flags) != self.segments.count:
+            raise ValueError(
+                f"plan record for {self.layer!r}: a mixed dual_scale list needs in-segments and one flag per "
+                f"segment (segments {self.segments.to_dict() if self.segments else None}, {len(flags)} flags)"
+            )
+        object.__setattr__(self, "dual_scale", flags)
+
+    @property
+    def any_dual(self) -> bool:
+        """Whether DualScale applies to any part of the input."""
+        return any(self.dual_mask)
+
+    @property
+    def dual_mask(self) -> tuple[bool, ...]:
+        """One DualScale flag per segment (one flag when the layer is not segmented)."""
+        if isinstance(self.dual_scale, tuple):
+            return self.dual_scale
+        return (self.dual_scale,) * (self.segments.count if self.segments else 1)
+
     def to_dict(self, with_reasons: bool = False) -> dict[str, Any]:
+        dual = self.dual_scale
         data: dict[str, Any] = {
             "layer": self.layer,
             "segments": self.segments.to_dict() if self.segments else None,
-            "dual_scale": self.dual_scale,
+            "dual_scale": list(dual) if isinstance(dual, tuple) else dual,
         }
         if with_reasons and self.reasons:
             data["reasons"] = list(self.reasons)
@@ -96,8 +139,10 @@ class LayerPlan:
             raise ValueError(f"plan record for {data['layer']!r}: unknown keys {sorted(unknown)}")
         seg = data.get("segments")
         dual = data.get("dual_scale", False)
-        if not isinstance(dual, bool):
-            raise ValueError(f"plan record for {data['layer']!r}: dual_scale must be true/false")
+        if isinstance(dual, list):
+            dual = tuple(dual)
+        elif not isinstance(dual, bool):
+            raise ValueError(f"plan record for {data['layer']!r}: dual_scale must be true/false or a list of them")
         return cls(
             layer=data["layer"],
             segments=Segments.from_dict(seg) if seg is not None else None,
@@ -136,8 +181,10 @@ class Plan:
 
     def __repr__(self) -> str:
         seg = sum(1 for r in self if r.segments)
-        dual = sum(1 for r in self if r.dual_scale)
-        return f"Plan({len(self)} linears, {seg} segmented, {dual} dual-scale)"
+        dual = sum(1 for r in self if r.dual_scale is True)
+        partial = sum(1 for r in self if isinstance(r.dual_scale, tuple))
+        per_segment = f", {partial} dual-scale on some segments" if partial else ""
+        return f"Plan({len(self)} linears, {seg} segmented, {dual} dual-scale{per_segment})"
 
     @property
     def layers(self) -> list[str]:

@@ -40,12 +40,15 @@ fires at
 **DualScale.** Walk backward through every value-preserving op (all of the above views, any dim, plus ``expand``)
 to ``aten.silu`` or ``aten.gelu`` (any ``approximate``), or to a gated product ``aten.mul(x, act(gate))`` whose
 one operand comes from SiLU/GELU (diffusers' GEGLU, ``hidden * gelu(gate)``; SwiGLU likewise). A ``cat`` whose
-parts all come from activations counts; a mixed ``cat`` (Flux single-block ``proj_out``: attention | GELU-MLP)
-does not, and says so. Rules key on aten ops, never module classes.
+parts all come from activations counts for the whole input. When the layer's in-segments come from a ``cat``
+or ``stack`` whose parts differ (Flux single-block ``proj_out``: attention | GELU-MLP), each part is walked back
+on its own and DualScale is recorded per in-segment (``[false, true]``). Rules key on aten ops, never module
+classes.
 
 **Combining.** A layer that matches both an output and an input pattern keeps the output one (the input match is
 recorded in ``reasons``). A layer called several times keeps a segmentation only if every call that found one found
-the same sizes, and gets DualScale only if every call's input comes from an activation.
+the same sizes, and gets DualScale only if every call's input comes from an activation (per in-segment: only
+if every call gives the same flags).
 """
 
 from __future__ import annotations
@@ -165,10 +168,15 @@ def _layout_keeps_trailing(node: OpNode, ndim: int, keep: int) -> bool:
 # ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Match:
-    """One pattern found for one call: segment sizes and a human-readable reason."""
+    """One pattern found for one call: segment sizes and a human-readable reason.
+
+    ``parts`` are the value ids of the concatenated tensors, one per segment, when the segments come from a
+    ``cat``/``stack`` (empty for chunks and per-head merges): DualScale is decided per part from them.
+    """
 
     sizes: tuple[int, ...]
     reason: str
+    parts: tuple[int, ...] = ()
 
 
 def out_matches(graph: Graph, call: OpNode) -> list[Match]:
@@ -319,11 +327,12 @@ def in_match(graph: Graph, call: OpNode) -> Match | None:
             return None
         if node.op in STACK_OPS:
             return Match((1,) * len(parts), f"input is a stack of {len(parts)} along the last dim "
-                                            f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}")
+                                            f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}", tuple(parts))
         shapes = [graph.shape(p) for p in parts]
         if any(not s for s in shapes):
             return None
-        sizes = tuple(s[-1] for s in shapes if s and math.prod(s) > 0)  # type: ignore[index]
+        kept = [(p, s) for p, s in zip(parts, shapes) if s and math.prod(s) > 0]
+        sizes = tuple(s[-1] for _, s in kept)
         if len(sizes) < 2:
             return None
         notes = []
@@ -334,7 +343,7 @@ def in_match(graph: Graph, call: OpNode) -> Match | None:
                 notes.append(f"part {i} is itself a per-head reshape {hd[0]}×{hd[1]} (not refined)")
         text = (f"input is a cat of {len(sizes)} parts {list(sizes)} along the last dim "
                 f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}")
-        return Match(sizes, "; ".join([text, *notes]))
+        return Match(sizes, "; ".join([text, *notes]), tuple(p for p, _ in kept))
     hd = _head_merge(graph, node, vid)
     if hd:
         heads, dim = hd
@@ -416,6 +425,20 @@ def dual_result(graph: Graph, call: OpNode) -> DualResult:
     return DualResult(reason, [note] if note else [])
 
 
+def part_duals(graph: Graph, match: Match) -> tuple[tuple[bool, ...], list[str]]:
+    """DualScale per concatenated part of an in-segment match: each part walked back on its own.
+
+    Returns the flags and, for the parts that are dual, why.
+    """
+    flags, why = [], []
+    for i, vid in enumerate(match.parts):
+        source, _ = _activation_source(graph, vid)
+        flags.append(source is not None)
+        if source is not None:
+            why.append(f"part {i}: {source}")
+    return tuple(flags), why
+
+
 # ------------------------------------------------------------------------------------------------------------
 # per-layer decision
 # ------------------------------------------------------------------------------------------------------------
@@ -476,17 +499,41 @@ def plan_layer(name: str, module: nn.Linear, graph: Graph, calls: list[OpNode]) 
 
     duals = [dual_result(graph, c) for c in calls]
     dual_hits = [d for d in duals if d.reason]
-    dual = bool(dual_hits) and len(dual_hits) == len(duals)
+    dual: bool | tuple[bool, ...] = bool(dual_hits) and len(dual_hits) == len(duals)
+    suffix = f" [{len(calls)} calls]" if len(calls) > 1 else ""
+    per_part = _per_segment_dual(graph, calls, segments) if not dual_hits else None
     if dual:
-        suffix = f" [{len(calls)} calls]" if len(calls) > 1 else ""
         reasons.append(dual_hits[0].reason + suffix)  # type: ignore[operator]
     elif dual_hits:
         reasons.append(f"{dual_hits[0].reason} in only {len(dual_hits)} of {len(calls)} calls; DualScale not applied")
+    elif per_part is not None:
+        dual, why = per_part
+        reasons.append(f"DualScale on in-segment(s) {[i for i, d in enumerate(dual) if d]} only: "
+                       f"{'; '.join(why)}{suffix}")
     for d in duals:
         for note in d.notes:
-            if note not in reasons:
+            if note not in reasons and per_part is None:
                 reasons.append(note)
     return LayerPlan(name, segments, dual, tuple(reasons))
+
+
+def _per_segment_dual(graph: Graph, calls: list[OpNode],
+                      segments: Segments | None) -> tuple[tuple[bool, ...], list[str]] | None:
+    """Mixed per-in-segment DualScale flags when every call's input is the same cat of parts, some from an
+    activation and some not; ``None`` otherwise."""
+    if segments is None or segments.axis != "in":
+        return None
+    found = []
+    for call in calls:
+        match = in_match(graph, call)
+        if match is None or match.sizes != segments.sizes or len(match.parts) != segments.count:
+            return None
+        found.append(part_duals(graph, match))
+    flags = {f for f, _ in found}
+    if len(flags) != 1:
+        return None
+    mask = next(iter(flags))
+    return (mask, found[0][1]) if any(mask) and not all(mask) else None
 
 
 def plan_from_graph(model: nn.Module, graph: Graph,

@@ -8,7 +8,8 @@ ONNX Runtime and TensorRT (explicit quantization) see exactly the scales we cali
 * activations, static per tensor: ``QuantizeLinear → DequantizeLinear`` with a scalar scale, zero point 0;
 * DualScale: two branches ``Relu(x)`` and ``Min(x, 0)``, each with its own Q/DQ pair (the codes of the
   positive branch can only be ≥ 0, those of the negative branch ≤ 0 — exactly the narrowed ranges of
-  :func:`segquant_core.quantizers.encode_activation`) and its own MatMul; the two MatMuls are added;
+  :func:`segquant_core.quantizers.encode_activation`) and its own MatMul; the two MatMuls are added. It is
+  decided per in-segment (Flux's single-stream ``proj_out``: only the GELU-MLP part has two branches);
 * weights: a ``DequantizeLinear`` of the integer (or fp8) codes stored transposed ``[K, N]`` with a
   per-output-channel scale (``axis=1``) — out-segments that share an input quantizer are merged into one
   MatMul whose per-channel scale holds each segment's scale, which is exact;
@@ -61,7 +62,7 @@ class LayerQDQ:
     name: str
     description: str
     groups: int  # input groups: one Q/DQ set + one weight DQ each
-    parts: int  # 1, or 2 for DualScale
+    parts: int  # 1, or 2 for DualScale (on at least one group)
     quantize_linear: int = 0
     act_dequantize: int = 0
     weight_dequantize: int = 0
@@ -146,6 +147,8 @@ def describe(layer: SegLinear) -> str:
     a = "float"
     if cfg.activation:
         a = cfg.activation.fmt.value + ("-dual" if cfg.activation.dual else "")
+        if cfg.dual_segments is not None:
+            a += str([i for i, d in enumerate(cfg.dual_segments) if d])
         a += f"-dyn/{cfg.activation.granularity.value}" if cfg.activation.dynamic else ""
     seg = f" {cfg.segments.axis}{list(cfg.segments.sizes)}" if cfg.segments.count > 1 else ""
     extra = (" smooth" if cfg.smooth else "") + (f" lowrank{cfg.lowrank_rank}" if cfg.lowrank_rank else "")
@@ -299,9 +302,8 @@ def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: st
     ``call`` numbers repeated calls of one layer (nodes get fresh names, weights are shared).
     """
     cfg = layer.cfg
-    act = cfg.activation
     groups = input_groups(layer)
-    parts_per = act.parts if act is not None else 1
+    parts_per = cfg.activation.parts if cfg.activation is not None else 1
     rep = LayerQDQ(name, describe(layer), len(groups), parts_per)
     base = name
     nbase = name if call == 0 else f"{name}#{call}"
@@ -317,6 +319,7 @@ def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: st
     outs: list[str] = []
     for group, xin in zip(groups, inputs):
         first = layer.segs[group[0]]
+        act = first.activation  # in-segments may differ in DualScale
         tag = f"seg{group[0]}" if len(group) == 1 else f"seg{group[0]}-{group[-1]}"
         node = f"{nbase}/{tag}"
         k_in = bounds[group[0]][1] - bounds[group[0]][0] if cfg.segments.axis == "in" else cfg.in_features

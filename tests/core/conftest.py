@@ -128,6 +128,38 @@ def seg_calls(n: int = 2, batch: int = 2, tokens: int = 8, d: int = D, seed: int
             for _ in range(n)]
 
 
+class SingleStreamToy(nn.Module):
+    """Flux's single-stream block output: ``proj_out(cat(attention-like part, GELU(MLP)))``, ragged ``[d, 2d]``.
+
+    Only the MLP part comes from an activation, so DualScale belongs to the second in-segment alone.
+    """
+
+    def __init__(self, d: int = D, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.d = d
+        self.attn = nn.Linear(d, d)
+        self.mlp = nn.Linear(d, 2 * d)
+        self.proj_out = nn.Linear(3 * d, d)
+        with torch.no_grad():
+            self.mlp.weight *= 3.0  # wide GELU inputs: a long positive range next to the small negative tail
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(torch.cat([self.attn(x), F.gelu(self.mlp(x), approximate="tanh")], dim=-1))
+
+
+SINGLE_STREAM_DUAL = (False, True)  # attention part single-scale, MLP part DualScale
+
+
+def single_stream_plan(d: int = D, dual: bool | tuple[bool, ...] = SINGLE_STREAM_DUAL) -> Plan:
+    return Plan([LayerPlan("attn"), LayerPlan("mlp"), LayerPlan("proj_out", Segments("in", (d, 2 * d)), dual)])
+
+
+def single_stream_calls(n: int = 2, tokens: int = 16, d: int = D, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = gen(seed)
+    return [{"x": torch.randn(2, tokens, d, generator=g)} for _ in range(n)]
+
+
 class TinyPipeline:
     """The minimum of a diffusers pipeline that calibration capture needs: a ``transformer`` and a loop
     that calls it with keyword arguments once per denoising step."""

@@ -15,7 +15,18 @@ from segquant_core.backends.reference import ReferenceBackend
 from segquant_core.detect.plan import LayerPlan, Plan
 from segquant_core.quantizers import fake_quantize_activation
 
-from .conftest import SEG_LAYERS, SegToy, gen, rel_err, seg_calls, seg_plan
+from .conftest import (
+    SEG_LAYERS,
+    SINGLE_STREAM_DUAL,
+    SegToy,
+    SingleStreamToy,
+    gen,
+    rel_err,
+    seg_calls,
+    seg_plan,
+    single_stream_calls,
+    single_stream_plan,
+)
 
 INT_BACKENDS = ["cpu-onednn-int8", "int-mm"]
 FP8_BACKENDS = ["scaled-mm-fp8"]
@@ -77,6 +88,94 @@ def test_item40_real_backends_match_reference(wfmt, act, dual, smooth, lowrank):
             assert torch.equal(x, x_before), f"{backend} wrote into its input"  # B4
             err = rel_err(y, ref)
             assert err < 1e-3, f"{name} on {backend}: rel err {err:.2e}"
+
+
+# per-segment DualScale: a ragged in-segmented layer whose second segment alone is dual (Flux single-stream) ---------
+def single_stream_toy(wfmt: str, act: str, smooth: bool, lowrank: int, dual: bool = True) -> SingleStreamToy:
+    m = SingleStreamToy()
+    quantize(m, make_recipe(wfmt, act, dual, smooth, lowrank), single_stream_calls(), single_stream_plan(),
+             progress=False, backend="reference")
+    return m
+
+
+def single_stream_input(m: SingleStreamToy, seed: int, rows: int = 10) -> torch.Tensor:
+    """What ``proj_out`` reads in the toy's own forward (attention-like part | GELU-MLP part)."""
+    x = torch.randn(rows, m.d, generator=gen(seed))
+    with torch.no_grad():
+        return torch.cat([m.attn(x), torch.nn.functional.gelu(m.mlp(x), approximate="tanh")], dim=-1)
+
+
+def _segmentwise_reference(layer: SegLinear, x: torch.Tensor) -> torch.Tensor:
+    """Σ_k Q_k(x_k / s_k) · Ŵ_kᵀ (+ low-rank) + b, each segment with its own activation quantizer."""
+    y = layer.bias.double().expand(x.shape[0], -1).clone()
+    for seg, (a, b) in zip(layer.segs, layer.cfg.segments.bounds()):
+        xs = x[:, a:b] / seg.smooth if seg.smooth is not None else x[:, a:b]
+        xq = fake_quantize_activation(xs, seg.activation, seg.act_scale).double()
+        y += xq @ seg.dequantized_weight().double().t()
+        if seg.lowrank_down is not None:
+            y += (xs.double() @ seg.lowrank_down.double()) @ seg.lowrank_up.double()
+    return y
+
+
+@pytest.mark.parametrize("wfmt,act,smooth,lowrank", list(itertools.product(WEIGHTS, ACTS, [False, True], [0, 4])))
+def test_per_segment_dual_real_backends_match_reference(wfmt, act, smooth, lowrank):
+    m = single_stream_toy(wfmt, act, smooth, lowrank)
+    layer = m.proj_out
+    assert layer.cfg.segments.sizes == (m.d, 2 * m.d) and layer.cfg.dual_segments == SINGLE_STREAM_DUAL
+    assert [s.activation.dual for s in layer.segs] == [False, True]
+    if act == "static-tensor":
+        assert [s.act_scale.numel() for s in layer.segs] == [1, 2]
+    x = single_stream_input(m, 5)
+    x[0, 0] = 40.0  # beyond the calibrated range of the attention segment: clipping in the static case
+    x_before = x.clone()
+    layer.set_backend(ReferenceBackend())
+    ref = layer(x)
+    assert rel_err(ref, _segmentwise_reference(layer, x)) < 1e-6
+    backends = real_backends_for(layer)
+    assert set(WEIGHTS[wfmt][1]) <= set(backends), backends
+    for backend in backends:
+        layer.set_backend(get_backend(backend))
+        y = layer(x)
+        assert torch.equal(x, x_before), f"{backend} wrote into its input"
+        err = rel_err(y, ref)
+        assert err < 1e-3, f"{backend}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("rows", [2, 48])
+def test_cpu_int8_kernels_agree_on_per_segment_dual(monkeypatch, rows):
+    """fbgemm, oneDNN and _int_mm on the mixed layer give the same integer GEMMs; the default rule too."""
+    from segquant_core.backends import cpu_onednn
+
+    if not cpu_onednn.fbgemm_available():
+        pytest.skip("no fbgemm in this torch build")
+    m = single_stream_toy("int8", "static-tensor", smooth=True, lowrank=0)
+    layer = m.proj_out
+    x = single_stream_input(m, 3, rows)
+    outs = {}
+    for kernel in ("fbgemm", "onednn", "int_mm", "autotune", "rule"):
+        monkeypatch.setenv("SEGQUANT_CPU_GEMM", kernel)
+        layer.set_backend(get_backend("cpu-onednn-int8"))
+        outs[kernel] = layer(x)
+        assert rel_err(outs[kernel], outs["fbgemm"]) < 1e-6, kernel
+    layer.set_backend(ReferenceBackend())
+    assert rel_err(outs["rule"], layer(x)) < 1e-3
+
+
+def test_per_segment_dual_lowers_the_error_of_the_gelu_segment():
+    """On the toy's own activations, DualScale on the GELU-MLP segment alone quantizes that segment's input
+    better than one scale (the GELU's negative tail gets its own step), and leaves the attention segment's
+    quantizer exactly as it was."""
+    act_err, attn_scale = {}, {}
+    for dual in (False, True):
+        m = single_stream_toy("int8", "static-tensor", smooth=False, lowrank=0, dual=dual)
+        layer = m.proj_out
+        assert layer.cfg.dual_segments == (SINGLE_STREAM_DUAL if dual else None)
+        mlp = single_stream_input(m, 11, rows=64)[:, m.d :]
+        seg = layer.segs[1]
+        act_err[dual] = rel_err(fake_quantize_activation(mlp, seg.activation, seg.act_scale), mlp)
+        attn_scale[dual] = layer.segs[0].act_scale
+    assert act_err[True] < 0.8 * act_err[False], act_err
+    assert torch.equal(attn_scale[True], attn_scale[False])
 
 
 def test_b3_dynamic_activations_run_on_real_cpu_backends():

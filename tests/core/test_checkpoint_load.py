@@ -78,6 +78,16 @@ def test_flux_checkpoint_gives_the_same_outputs(tmp_path):
     assert type(loaded).__name__ == "FluxTransformer2DModel"
     with torch.no_grad():
         assert torch.equal(model(**calls[0])[0], loaded(**calls[0])[0])
+    # per-segment DualScale survives the round trip: attention | GELU-MLP, the MLP segment alone is dual
+    name = "single_transformer_blocks.0.proj_out"
+    manifest = read_manifest(d)
+    assert manifest["layers"][name]["dual_segments"] == [False, True]
+    assert next(r for r in manifest["plan"] if r["layer"] == name)["dual_scale"] == [False, True]
+    for m in (model, loaded):
+        layer = m.get_submodule(name)
+        assert layer.cfg.dual_segments == (False, True)
+        assert [s.act_scale.numel() for s in layer.segs] == [1, 2]
+    assert torch.equal(loaded.get_submodule(name).segs[1].act_scale, model.get_submodule(name).segs[1].act_scale)
 
 
 def test_loading_never_allocates_the_float_weights_of_quantized_layers(tmp_path):

@@ -188,3 +188,19 @@ def test_plus_separates_switches_inside_comma_lists() -> None:
     r = make("w8a8-smooth:seg=on+dual=on")
     assert r.seg and r.dual and r.smooth
     assert make("w8a8-smooth:seg=on,dual=on") == r.with_switches(name="w8a8-smooth:seg=on,dual=on")
+
+
+def test_per_segment_dual_follows_the_plan_only_with_segments_and_dual_on():
+    """A plan with DualScale on some in-segments: ``seg=on,dual=on`` keeps the flags per segment; without
+    segments the layer is dual only if all of its input is; ``dual=off`` switches it off everywhere."""
+    mixed = LayerPlan("proj_out", Segments("in", (32, 64)), (False, True))
+    spec = recipe("w8a8-segquant").resolve("proj_out", mixed)
+    assert spec.segments == mixed.segments and spec.dual_segments == (False, True) and spec.activation.dual
+    unsegmented = recipe("w8a8-segquant:seg=off").resolve("proj_out", mixed)
+    assert unsegmented.segments is None and unsegmented.dual_segments is None and not unsegmented.activation.dual
+    off = recipe("w8a8-segquant:dual=off").resolve("proj_out", mixed)
+    assert off.dual_segments is None and not off.activation.dual
+    whole = LayerPlan("proj_out", Segments("in", (32, 64)), True)  # every segment: the plain per-layer flag
+    for r in ("w8a8-segquant", "w8a8-segquant:seg=off"):
+        spec = recipe(r).resolve("proj_out", whole)
+        assert spec.activation.dual and spec.dual_segments is None

@@ -11,6 +11,7 @@ from segquant_core import SegLinear, quantize, recipe
 from segquant_core.backends import get_backend
 from segquant_core.backends.reference import ReferenceBackend
 from segquant_core.detect.plan import LayerPlan, Plan, Segments
+from segquant_core.quantizers import ActivationSpec, WeightSpec
 from segquant_core.seglinear import SegLinearConfig
 
 from .conftest import AdaLNToy, adaln_calls, adaln_plan, gen, rel_err
@@ -260,3 +261,41 @@ def test_forward_never_writes_into_input():
         m.linear.set_backend(get_backend(name))
         m.linear(x)
         assert torch.equal(x, before), name
+
+
+# per-segment DualScale in the layer config ---------------------------------------------------------------------
+def _config(segments: Segments, dual: bool, dual_segments=None) -> SegLinearConfig:
+    return SegLinearConfig(96, 16, segments, WeightSpec("int8"), ActivationSpec("int8", dual=dual), True,
+                           dual_segments=dual_segments)
+
+
+def test_per_segment_dual_config_gives_each_segment_its_quantizer_and_scales():
+    cfg = _config(Segments("in", (32, 64)), True, (False, True))
+    layer = SegLinear(cfg)
+    assert [s.activation.dual for s in layer.segs] == [False, True]
+    assert [tuple(s.act_scale.shape) for s in layer.segs] == [(1,), (2,)]  # static: one step, or two for ±
+    assert SegLinearConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.to_dict()["dual_segments"] == [False, True]
+
+
+def test_configs_written_before_per_segment_dual_read_as_all_segments():
+    """A config without ``dual_segments`` (every checkpoint written before) keeps the per-layer meaning."""
+    cfg = _config(Segments("in", (32, 64)), True)
+    old = cfg.to_dict()
+    assert "dual_segments" not in old
+    layer = SegLinear(SegLinearConfig.from_dict(old))
+    assert [s.activation.dual for s in layer.segs] == [True, True]
+    assert [s.act_scale.numel() for s in layer.segs] == [2, 2]
+
+
+def test_uniform_dual_flags_collapse_and_bad_ones_are_refused():
+    assert _config(Segments("in", (32, 64)), True, (True, True)).dual_segments is None
+    none = _config(Segments("in", (32, 64)), True, (False, False))
+    assert none.dual_segments is None and not none.activation.dual
+    with pytest.raises(ValueError, match="out-segments all read the same input"):
+        SegLinearConfig(32, 96, Segments("out", (32, 64)), WeightSpec("int8"), ActivationSpec("int8", dual=True),
+                        True, dual_segments=(False, True))
+    with pytest.raises(ValueError, match="3 flags for 2 segments"):
+        _config(Segments("in", (32, 64)), True, (False, True, True))
+    with pytest.raises(ValueError, match="needs a DualScale activation spec"):
+        _config(Segments("in", (32, 64)), False, (False, True))

@@ -78,6 +78,7 @@ def matches_reference() -> None:
         "out-seg+smooth+dual": (Segments("out", (32, 32, 32)), True, "w8a8-segquant"),
         "out-seg": (Segments("out", (32, 64)), False, "w8a8:seg=on"),
         "in-seg ragged+dual": (Segments("in", (16, 48)), True, "w8a8-segquant"),
+        "in-seg ragged, dual on one segment": (Segments("in", (16, 48)), (False, True), "w8a8-segquant"),
         "in-seg per-head": (Segments("in", (16,) * 4), False, "w8a8-smooth:seg=on"),
         "int4 weights": (Segments("in", (32, 32)), True, "w8a8-segquant:lowrank=4"),
     }
@@ -92,6 +93,8 @@ def matches_reference() -> None:
         x = torch.nn.functional.gelu(torch.randn(37, k) * 3)
         x_before = x.clone()
         layer = model.layer
+        if isinstance(dual, tuple):
+            assert layer.cfg.dual_segments == dual and [s.act_scale.numel() for s in layer.segs] == [1, 2]
         ref = layer(x)
         layer.set_backend(get_backend("triton-fused"))
         y = layer(x)

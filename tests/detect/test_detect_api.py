@@ -10,7 +10,7 @@ from detect_tiny_models import tiny_flux, tiny_pixart, tiny_sd3, tiny_sdxl_unet
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-from segquant_core.detect import CaptureError, Plan, capture, detect, example_inputs_for
+from segquant_core.detect import CaptureError, LayerPlan, Plan, capture, detect, example_inputs_for
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -106,6 +106,26 @@ def test_toy_plan_and_json_round_trip(tmp_path) -> None:  # type: ignore[no-unty
     assert [r.reasons for r in again] == [r.reasons for r in plan]
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json").to_list(True) == plan.to_list(True)
+
+
+def test_per_segment_dual_scale_in_json() -> None:
+    """A mixed list is kept per in-segment; a bool (every plan written before) means every segment; a list of
+    equal flags is that bool; a mixed list needs in-segments, one flag each."""
+    record = {"layer": "p", "segments": {"axis": "in", "sizes": [16, 64]}, "dual_scale": [False, True]}
+    rec = LayerPlan.from_dict(record)
+    assert rec.dual_scale == (False, True) and rec.any_dual and rec.to_dict() == record
+    assert Plan.from_json(Plan([rec]).to_json()) == Plan([rec])
+    old = LayerPlan.from_dict({**record, "dual_scale": True})
+    assert old.dual_mask == (True, True)
+    assert LayerPlan.from_dict({**record, "dual_scale": [True, True]}).to_dict()["dual_scale"] is True
+    assert LayerPlan("fc", None, True).dual_mask == (True,)
+    for bad, match in (({**record, "segments": {"axis": "out", "sizes": [16, 64]}}, "needs in-segments"),
+                       ({**record, "dual_scale": [False, True, True]}, "one flag per"),
+                       ({**record, "segments": None}, "needs in-segments"),
+                       ({**record, "dual_scale": ["no", True]}, "true/false or a list"),
+                       ({**record, "dual_scale": "yes"}, "true/false or a list")):
+        with pytest.raises(ValueError, match=match):
+            LayerPlan.from_dict(bad)
 
 
 def test_export_is_the_default_capture(caplog: pytest.LogCaptureFixture) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from segquant_core.detect import Plan, detect
 
-Rec = tuple[str, tuple[str, list[int]] | None, bool]
+Rec = tuple[str, tuple[str, list[int]] | None, bool | list[bool]]  # dual: one flag, or one per in-segment
 
 
 def as_list(expected: list[Rec]) -> list[dict[str, Any]]:
@@ -121,7 +121,8 @@ FLUX_GOLDEN: list[Rec] = [
     ("transformer_blocks.0.ff_context.net.2", None, True),
     ("single_transformer_blocks.0.norm.linear", ("out", [32, 32, 32]), True),
     ("single_transformer_blocks.0.proj_mlp", None, False),
-    ("single_transformer_blocks.0.proj_out", ("in", [32, 128]), False),  # beyond §3.3: ragged attn | mlp
+    # beyond §3.3: ragged attn | GELU-MLP, DualScale on the MLP segment only
+    ("single_transformer_blocks.0.proj_out", ("in", [32, 128]), [False, True]),
     ("single_transformer_blocks.0.attn.to_q", None, False),
     ("single_transformer_blocks.0.attn.to_k", None, False),
     ("single_transformer_blocks.0.attn.to_v", None, False),
@@ -225,7 +226,10 @@ def test_flux_single_block_proj_out_reasons(flux_plan: Plan) -> None:
     reasons = flux_plan["single_transformer_blocks.0.proj_out"].reasons
     assert "cat of 2 parts [32, 128]" in reasons[0]
     assert "part 0 is itself a per-head reshape 2×16" in reasons[0]
-    assert any("mixed input" in r for r in reasons)  # attn | GELU-MLP: no DualScale, and it says why
+    # attn | GELU-MLP: each part walked back on its own, DualScale on the MLP part only, and it says why
+    assert flux_plan["single_transformer_blocks.0.proj_out"].dual_scale == (False, True)
+    assert any("DualScale on in-segment(s) [1] only" in r and "GELU(tanh)" in r for r in reasons)
+    assert not any("mixed input" in r for r in reasons)
 
 
 def test_pixart_plan(pixart: nn.Module, pixart_plan: Plan) -> None:  # §11.2 item 20

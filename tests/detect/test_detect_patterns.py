@@ -369,6 +369,35 @@ def test_adaln_gets_both(method: str) -> None:  # §11.2 item 19 + 14
     assert len(rec.reasons) == 2
 
 
+class MixedCat(nn.Module):
+    """Flux single-stream ``proj_out``: cat(attention-like part, GELU(MLP)), ragged; plus a cat whose parts
+    all come from activations (dual as a whole) and one with no activation at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.Linear(8, 8)
+        self.mlp = nn.Linear(8, 16)
+        self.proj_out = nn.Linear(24, 8)
+        self.both = nn.Linear(24, 8)
+        self.neither = nn.Linear(24, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        a, h = self.attn(x), self.mlp(x)
+        mixed = self.proj_out(torch.cat([a, F.gelu(h, approximate="tanh")], dim=2))
+        both = self.both(torch.cat([F.silu(a), F.gelu(h)], dim=-1))
+        neither = self.neither(torch.cat([a, h], dim=-1))
+        return mixed, both, neither
+
+
+def test_dual_scale_per_in_segment_of_a_mixed_cat(method: str) -> None:
+    plan = run(MixedCat(), torch.randn(B, 5, 8), method=method)
+    rec = plan["proj_out"]
+    assert rec.segments == inp(8, 16) and rec.dual_scale == (False, True) and rec.dual_mask == (False, True)
+    assert any("in-segment(s) [1] only" in r and "GELU(tanh)" in r for r in rec.reasons)
+    assert plan["both"].segments == inp(8, 16) and plan["both"].dual_scale is True
+    assert plan["neither"].segments == inp(8, 16) and plan["neither"].dual_scale is False
+
+
 # ------------------------------------------------------------------------------------------------------------
 # §11.2 item 21: ops on raw inputs (timestep embedding)
 # ------------------------------------------------------------------------------------------------------------

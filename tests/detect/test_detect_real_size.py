@@ -26,7 +26,7 @@ from segquant_core.bench.real_configs import build_on_meta
 from segquant_core.detect import Plan, detect
 
 Seg = tuple[str, list[int]] | None
-Rec = tuple[str, Seg, bool]
+Rec = tuple[str, Seg, bool | tuple[bool, ...]]  # DualScale: one flag, or one per in-segment
 
 
 def heads(n: int, d: int) -> Seg:
@@ -105,7 +105,7 @@ FLUX_DOUBLE: list[Rec] = [
 FLUX_SINGLE: list[Rec] = [
     ("norm.linear", chunks(3, 3072), True),
     ("proj_mlp", None, False),
-    ("proj_out", ("in", [3072, 12288]), False),  # ragged: attention | GELU-MLP, no DualScale on a mixed input
+    ("proj_out", ("in", [3072, 12288]), (False, True)),  # ragged: attention | GELU-MLP, DualScale on the MLP only
     ("attn.to_q", None, False),
     ("attn.to_k", None, False),
     ("attn.to_v", None, False),
@@ -181,10 +181,11 @@ class Expected:
     linears: int
     out_segmented: int
     in_segmented: int
-    dual_scale: int
+    dual_scale: int  # layers whose whole input gets DualScale
     ragged: dict[str, Seg]  # layer pattern -> segments, for every layer with unequal segment sizes
     block_kinds: dict[str, tuple[list[str], list[Rec]]]  # kind -> (block prefixes, plan relative to the block)
     top: list[Rec] | dict[str, tuple[Seg, bool]]  # layers outside blocks: exact list, or patterns
+    dual_on_some_segments: int = 0  # layers with DualScale on some in-segments only (Flux single-stream proj_out)
 
 
 def _blocks(prefix: str, indices: range) -> list[str]:
@@ -244,6 +245,7 @@ EXPECTED: dict[str, Expected] = {
             "single-stream": (_blocks("single_transformer_blocks", range(38)), FLUX_SINGLE),
         },
         top=FLUX_TOP,
+        dual_on_some_segments=38,  # every single-stream proj_out
     ),
     # 70 transformer blocks × 10 + 11 attentions × (proj_in, proj_out) + 17 resnets + 4 embedders = 743
     "sdxl-unet": Expected(
@@ -319,9 +321,11 @@ def test_real_size_counts(name: str) -> None:
         len(plan),
         sum(1 for r in plan if r.segments and r.segments.axis == "out"),
         sum(1 for r in plan if r.segments and r.segments.axis == "in"),
-        sum(1 for r in plan if r.dual_scale),
+        sum(1 for r in plan if r.dual_scale is True),
+        sum(1 for r in plan if isinstance(r.dual_scale, tuple)),
     )
-    assert counts == (exp.linears, exp.out_segmented, exp.in_segmented, exp.dual_scale)
+    expected = (exp.linears, exp.out_segmented, exp.in_segmented, exp.dual_scale, exp.dual_on_some_segments)
+    assert counts == expected
     ragged = {r.layer: _rec(r.layer, plan)[0] for r in plan if r.segments and len(set(r.segments.sizes)) > 1}
     for layer, seg in ragged.items():
         hits = [p for p in exp.ragged if fnmatch.fnmatchcase(layer, p)]
@@ -350,6 +354,16 @@ def test_real_size_block_plans(name: str) -> None:
             assert len(hits) == 1 and exp.top[hits[0]] == (seg, dual), f"{layer}: {(seg, dual)} vs {hits}"
             used.add(hits[0])
         assert used == set(exp.top)
+
+
+def test_flux_single_stream_proj_out_is_dual_on_the_mlp_segment_only() -> None:
+    """Flux.1-dev: every single-stream ``proj_out`` reads cat(attention 3072, GELU-MLP 12288); only the MLP part
+    comes from an activation, so DualScale is recorded for that in-segment alone, and nowhere else per segment."""
+    plan = meta_plan("flux.1-dev")
+    partial = {r.layer: (r.segments.sizes if r.segments else None, r.dual_scale)
+               for r in plan if isinstance(r.dual_scale, tuple)}
+    assert partial == {f"single_transformer_blocks.{i}.proj_out": ((3072, 12288), (False, True)) for i in range(38)}
+    assert plan["single_transformer_blocks.0.proj_out"].dual_mask == (False, True)
 
 
 def _vm_hwm_bytes() -> int:

@@ -97,16 +97,16 @@ def expected_counts(layer: sq.SegLinear) -> Counter[str]:
     """What the plan asks of one SegLinear call, from its config and buffers alone."""
     cfg = layer.cfg
     segs = list(layer.segs)
-    if cfg.segments.axis == "in":
-        groups = len(segs)
+    if cfg.segments.axis == "in":  # one group per segment, each with its own DualScale flag
+        parts = [0 if s.activation is None else s.activation.parts for s in segs]
     else:  # out-segments with the same input quantizer (smoothing vector + activation scale) share one
         groups = 1 + sum(not (_same(a.smooth, b.smooth) and _same(a.act_scale, b.act_scale))
                          for a, b in itertools.pairwise(segs))
-    parts = 0 if cfg.activation is None else cfg.activation.parts
+        parts = [0 if cfg.activation is None else cfg.activation.parts] * groups
     lowrank = sum(s.lowrank_down is not None for s in segs)
-    return Counter({"QuantizeLinear": groups * parts, "act_DequantizeLinear": groups * parts,
-                    "weight_DequantizeLinear": groups if cfg.weight else 0,
-                    "MatMul": groups * max(parts, 1) + 2 * lowrank})
+    return Counter({"QuantizeLinear": sum(parts), "act_DequantizeLinear": sum(parts),
+                    "weight_DequantizeLinear": len(parts) if cfg.weight else 0,
+                    "MatMul": sum(max(p, 1) for p in parts) + 2 * lowrank})
 
 
 def graph_counts(model_proto: onnx.ModelProto, layer: str) -> Counter[str]:

@@ -31,6 +31,9 @@ def test_export_runs_in_onnxruntime_like_the_reference(kind: str, recipe: str, t
     if recipe == "w8a8-segquant":
         assert any(r.parts == 2 for r in result.layers.values()), "expected DualScale layers"
         assert any(r.groups > 1 for r in result.layers.values()), "expected segmented layers"
+    if kind == "flux" and recipe == "w8a8-segquant":  # attention | GELU-MLP: only the MLP segment is dual
+        rep = result.layers["single_transformer_blocks.0.proj_out"]
+        assert "dual[1]" in rep.description and rep.quantize_linear == 1 + 2, rep
     err = rel(ort_output(out, kwargs), reference_output(model, kwargs))
     print(f"{kind} {recipe} ({exporter}): ORT vs reference rel. error {err:.2e}")
     assert err < 1e-2
