@@ -61,6 +61,7 @@ class NegativeTail:
     layer: str
     segment: int
     dual: bool  # whether the plan gives this segment DualScale
+    source: str  # "SiLU" or "GELU" (GEGLU included), as detection found it; "" when the plan does not say
     neg_min: float
     pos_max: float
 
@@ -107,7 +108,8 @@ class ActivationStats:
         """Medians and maxima per kind: the small table docs/results.md shows per model."""
         adaln = [c for c in self.chunks if _is_modulation(c.layer)]
         other = [c for c in self.chunks if not _is_modulation(c.layer)]
-        dual = [t for t in self.tails if t.dual]
+        silu = [t for t in self.tails if t.dual and t.source == "SiLU"]
+        gelu = [t for t in self.tails if t.dual and t.source == "GELU"]
         plain_parts = [t for t in self.tails if not t.dual]
         return {
             "samples": self.samples,
@@ -118,11 +120,13 @@ class ActivationStats:
             "other_out_segment_layers": len(other),
             "other_chunk_ratio_median": _median([c.ratio for c in other]),
             "other_weight_ratio_median": _median([c.weight_ratio for c in other]),
-            "dual_inputs": len(dual),
-            "dual_neg_min_median": _median([t.neg_min for t in dual]),
-            "dual_pos_max_median": _median([t.pos_max for t in dual]),
-            "dual_neg_codes_median": _median([t.neg_codes for t in dual]),
-            "dual_neg_codes_min": min((t.neg_codes for t in dual), default=None),
+            "silu_inputs": len(silu),
+            "silu_neg_codes_median": _median([t.neg_codes for t in silu]),
+            "gelu_inputs": len(gelu),
+            "gelu_neg_min_median": _median([t.neg_min for t in gelu]),
+            "gelu_pos_max_median": _median([t.pos_max for t in gelu]),
+            "gelu_neg_codes_median": _median([t.neg_codes for t in gelu]),
+            "gelu_neg_codes_min": min((t.neg_codes for t in gelu), default=None),
             "non_dual_segments_of_dual_layers": len(plain_parts),
             "non_dual_segment_neg_codes_median": _median([t.neg_codes for t in plain_parts]),
             "head_layers": len(self.heads),
@@ -143,6 +147,18 @@ class ActivationStats:
 def _is_modulation(layer: str) -> bool:
     """AdaLN modulation linears are named ``norm*.linear`` in diffusers' DiTs (``norm_out.linear`` too)."""
     return ".norm" in f".{layer}" and layer.endswith("linear")
+
+
+def activation_source(record: LayerPlan) -> str:
+    """Which activation feeds a DualScale input, read from detection's reasons (GEGLU counts as GELU)."""
+    said = " ".join(record.reasons)
+    return next((name for name in ("GELU", "SiLU") if name in said), "")
+
+
+def is_per_head(record: LayerPlan) -> bool:
+    """In-segments that are attention heads (a ``(…, H, D) → (…, H·D)`` reshape), not a concatenation."""
+    seg = record.segments
+    return seg is not None and seg.axis == "in" and any("per-head reshape" in r for r in record.reasons)
 
 
 def dual_flags(record: LayerPlan) -> tuple[bool, ...]:
@@ -179,8 +195,9 @@ def _per_segment_absmax(values: torch.Tensor, bounds: list[tuple[int, int]]) -> 
 def collect_activation_stats(model: nn.Module, plan: Plan, calls: Sequence[dict[str, Any]]) -> ActivationStats:
     """Run ``calls`` through the float ``model`` and measure chunk ranges, negative tails and head ranges.
 
-    Only the plan's segmented or DualScale layers are watched. A per-head layer is an in-segmented one
-    with equal segments and no DualScale; ragged in-segmented DualScale inputs report each segment's tail.
+    Only the plan's segmented or DualScale layers are watched. Per-head layers and activation sources are
+    told by detection's reasons (``Plan`` records from :func:`detect`); ragged in-segmented DualScale inputs
+    report each segment's tail.
     """
     modules = dict(model.named_modules())
     inputs: dict[str, _ChannelExtremes] = {}
@@ -229,8 +246,9 @@ def collect_activation_stats(model: nn.Module, plan: Plan, calls: Sequence[dict[
         if any(flags):
             for index, ((a, b), dual) in enumerate(zip(bounds, flags)):
                 low, high = float(seen.low[a:b].min()), float(seen.high[a:b].max())
-                stats.tails.append(NegativeTail(record.layer, index, dual, low, high))
-        elif seg is not None and len(set(seg.sizes)) == 1 and seg.count > 1:
+                source = activation_source(record) if dual else ""
+                stats.tails.append(NegativeTail(record.layer, index, dual, source, low, high))
+        elif is_per_head(record):
             columns = weight.amax(0)
             stats.heads.append(
                 HeadRanges(
@@ -256,9 +274,12 @@ def format_stats(stats: ActivationStats) -> str:
         f"{num(s['adaln_weight_ratio_median'])}",
         f"other out-segments: {s['other_out_segment_layers']} layers, chunk ratio median "
         f"{num(s['other_chunk_ratio_median'])}, weight {num(s['other_weight_ratio_median'])}",
-        f"DualScale inputs: {s['dual_inputs']}, min median {num(s['dual_neg_min_median'])} vs max median "
-        f"{num(s['dual_pos_max_median'])}; negative side under one int8 scale: median "
-        f"{num(s['dual_neg_codes_median'])} codes (min {num(s['dual_neg_codes_min'])}; DualScale: 128)",
+        f"GELU-fed DualScale inputs: {s['gelu_inputs']}, min median {num(s['gelu_neg_min_median'])} vs max median "
+        f"{num(s['gelu_pos_max_median'])}; negative side under one int8 scale: median "
+        f"{num(s['gelu_neg_codes_median'])} codes (min {num(s['gelu_neg_codes_min'])}; DualScale: 128)",
+        f"SiLU-fed DualScale inputs: {s['silu_inputs']}, negative side under one int8 scale: median "
+        f"{num(s['silu_neg_codes_median'])} codes; segments of those layers without DualScale: "
+        f"{s['non_dual_segments_of_dual_layers']} (median {num(s['non_dual_segment_neg_codes_median'])} codes)",
         f"per-head inputs: {s['head_layers']} layers, head max/min spread median {num(s['head_spread_median'])} "
         f"(max {num(s['head_spread_max'])}), weight columns {num(s['head_weight_spread_median'])}",
         "",
@@ -269,7 +290,7 @@ def format_stats(stats: ActivationStats) -> str:
         lines.append(f"{c.layer:<50} chunks  ratio {c.ratio:6.2f}  [{chunks}]")
     for t in stats.tails:
         lines.append(
-            f"{t.layer:<50} tail    seg {t.segment} {'dual' if t.dual else 'single'}  min {t.neg_min:.3g}  "
+            f"{t.layer:<50} tail    seg {t.segment} {t.source or 'no dual'}  min {t.neg_min:.3g}  "
             f"max {t.pos_max:.3g}  neg codes {t.neg_codes:.1f}"
         )
     for h in stats.heads:
