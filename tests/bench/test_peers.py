@@ -56,21 +56,19 @@ def test_peer_runs_every_linear_in_int8_close_to_float(name):
     assert torch.equal(again.float(), out.float())  # the same prepared inputs every call
 
 
-@pytest.mark.skipif(not _installed("torchao", "openvino", "nncf"), reason="the 'peers' extra is not installed")
-def test_layer_bench_times_peers_in_the_same_run_and_marks_who_is_faster():
-    peers = resolve_peers(["pt2e", "openvino"])
+@pytest.mark.skipif(not _installed("openvino", "nncf"), reason="the 'peers' extra is not installed")
+def test_layer_bench_times_a_peer_in_the_same_run_and_marks_who_is_faster():
+    # OpenVINO only: it builds in seconds, where PT2E compiles (its build is covered above)
+    peers = resolve_peers(["openvino"])
     rows = run_layer_bench([TINY], rounds=2, include_compile=False, peers=peers)
     by_name = {r["candidate"]: r for r in rows}
-    for peer in peers:
-        row = by_name[peer.label]
-        assert row["median_ms"] > 0 and 0 < row["rel_err"] < 0.05 and row["vs_bf16"] > 0
-        assert row[f"vs_{peer.name}"] == 1.0
-    ours = by_name["segquant w8a8"]
-    pt2e, openvino = by_name[peers[0].label], by_name[peers[1].label]
-    assert ours["vs_pt2e"] == round(pt2e["median_ms"] / ours["median_ms"], 3)
-    assert ours["faster_than_peers"] is (
-        ours["median_ms"] < pt2e["median_ms"] and ours["median_ms"] < openvino["median_ms"]
-    )
+    peer = by_name[peers[0].label]
+    assert peer["median_ms"] > 0 and 0 < peer["rel_err"] < 0.05 and peer["vs_bf16"] > 0
+    assert peer["vs_openvino"] == 1.0 and "faster_than_peers" not in peer
+    for name in ("bf16", "segquant w8a8", "segquant w8a8 dual"):
+        row = by_name[name]
+        assert row["vs_openvino"] == round(peer["median_ms"] / row["median_ms"], 3)
+        assert row["faster_than_peers"] is (row["median_ms"] < peer["median_ms"])
 
 
 def test_rows_are_marked_against_the_peers_of_their_own_case():
