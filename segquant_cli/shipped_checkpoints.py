@@ -208,6 +208,7 @@ def build(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segquant_cli.shipped_checkpoints", description=__doc__)
     parser.add_argument("--model", choices=MODELS, action="append", help="only this model (repeatable)")
+    parser.add_argument("--recipe", choices=RECIPES, action="append", help="only this recipe (repeatable)")
     parser.add_argument("--check", action="store_true", help="build nothing; exit 1 if any checkpoint is stale")
     parser.add_argument("--eval", action="store_true", help="build nothing; (re)write eval.json of each checkpoint")
     parser.add_argument(
@@ -220,19 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache = args.calibration_cache.expanduser()
     models = tuple(args.model or MODELS)
+    recipes = tuple(args.recipe or RECIPES)
     if args.check:
-        stale = [(m, r, s.reason) for m in models for r in RECIPES if not (s := status(m, r))]
+        stale = [(m, r, s.reason) for m in models for r in recipes if not (s := status(m, r))]
         for m, r, reason in stale:
             print(f"{m}/{r}: stale: {reason}")
         return 1 if stale else 0
     if args.eval:
         for m in models:
-            for r in RECIPES:
+            for r in recipes:
                 evaluate(m, r)
         return 0
     for m in models:
-        build(m, calibration_cache=cache, reuse_calibration=not args.fresh_calibration)
-        for r in RECIPES:
+        build(m, recipes, calibration_cache=cache, reuse_calibration=not args.fresh_calibration)
+        for r in recipes:
             evaluate(m, r)
     return 0
 

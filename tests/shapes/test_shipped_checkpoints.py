@@ -24,6 +24,11 @@ def test_shipped_checkpoint_is_current(model, recipe):
     assert status, f"{model}/{recipe}: {status.reason}; {REBUILD}"
 
 
+def test_check_command_takes_one_model_and_recipe(capsys):
+    assert shipped.main(["--check", "--model", "flux", "--recipe", "w8a8-segquant"]) == 0
+    assert capsys.readouterr().out == ""
+
+
 @pytest.mark.parametrize("model,recipe", CASES)
 def test_witness_layer_rebuilds_bit_identically(model, recipe):
     torch.set_num_threads(1)
