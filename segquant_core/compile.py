@@ -45,9 +45,11 @@ class CompileResult:
     seconds: float | None = None  # first call on the example inputs (compile + one run); None without examples
 
 
-# What ``auto`` means per device: on where compiled denoisers were measured faster than eager ones
-# (docs/benchmarks.md, "Compiled denoisers"). Inductor on CPU also needs a C++ compiler.
-COMPILE_FASTER = {"cpu": False, "cuda": True}
+# What ``auto`` means per device: on only where compiled denoisers were measured faster than eager ones
+# (docs/benchmarks.md, "Compiled denoisers"). CPU: not measured faster yet (and a compile costs minutes per
+# variant, image size and adapter set); CUDA: not measured at all (no GPU was available). Inductor on CPU also
+# needs a C++ compiler.
+COMPILE_FASTER = {"cpu": False, "cuda": False}
 
 
 def compile_default(device: str) -> bool:
