@@ -1,9 +1,10 @@
-"""Print docs/results.md's summary table (architecture × rung) from the three ladders' report.json files.
+"""Print docs/results.md's tables from the ladders' report.json files: the summary (architecture × rung), or
+with ``--ladder NAME`` one model's ladder table (rung, PSNR, SSIM, latent MSE, weight bytes).
 
 The rung names follow the MMDiT ladder's variant list; the UNet ladder ran before the ``smooth_scope``
 default changed, so its layer-scope and segment-scope W8A8 rows are looked up by their old names (see the
 UNet section of docs/results.md). Adherence is the mean of background, colour, position and shape.
-Usage: ``python docs/results/flux/summary_table.py`` from the repository root.
+Usage: ``python docs/results/flux/summary_table.py [--ladder flux]``.
 """
 
 from __future__ import annotations
@@ -70,5 +71,23 @@ def table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def ladder_table(folder: str) -> str:
+    """One model's rungs in the MMDiT section's layout (rungs it did not run are left out)."""
+    rows = _rows(folder)
+    lines = [
+        "| rung | variant | PSNR vs fp (dB) | SSIM | latent MSE | adh. | weight bytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, variant in RUNGS:
+        row = rows.get(variant)
+        if row is not None:
+            weight = f"{row['weight_bytes']:,}" if row.get("weight_bytes") else "float"
+            lines.append(f"| {label} | `{variant}` | " + " | ".join(_cells(row)) + f" | {weight} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(table())
+    if len(sys.argv) == 3 and sys.argv[1] == "--ladder":
+        sys.stdout.write(ladder_table(sys.argv[2]))
+    else:
+        sys.stdout.write(table())
