@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from segquant_core.quantizers import Granularity
+
 if TYPE_CHECKING:
     from segquant_core.seglinear import SegLinear
 
@@ -133,9 +135,32 @@ def _(codes: torch.Tensor, handle: int, dual: bool, out_features: int, out_dtype
     return codes.new_empty((rows, out_features), dtype=out_dtype)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::cpu_onednn_int8_gemm_rows", mutates_args=())
+def onednn_gemm_rows(
+    codes: torch.Tensor, row_scale: torch.Tensor, handle: int, dual: bool, out_features: int
+) -> torch.Tensor:
+    """The same for dynamic (per-token or per-tensor) activations: uint8 codes with a per-row scale ``[R, 1]``
+    (``R = 2M`` for DualScale), one oneDNN call, then row scales, the DualScale halves and the bias — the
+    eager group path after its encode, in fp32."""
+    layer = bound_layer(handle)
+    state = layer._prepared
+    pg = state.groups[0]
+    y2 = layer.backend.gemm(pg.packed, pg.group, codes, row_scale, None)  # type: ignore[attr-defined]
+    m = codes.shape[0] // 2 if dual else codes.shape[0]
+    y = y2[:m].add_(y2[m:]) if dual else y2
+    return y.add_(state.bias) if state.bias is not None else y
+
+
+@onednn_gemm_rows.register_fake
+def _(codes: torch.Tensor, row_scale: torch.Tensor, handle: int, dual: bool, out_features: int) -> torch.Tensor:
+    rows = codes.shape[0] // 2 if dual else codes.shape[0]
+    return codes.new_empty((rows, out_features), dtype=torch.float32)
+
+
 def _fused_onednn_group(layer: SegLinear, x2d: torch.Tensor) -> torch.Tensor | None:
-    """The quantize-in-graph path when eager would run exactly one fused oneDNN group (same codes, same
-    calls: bit-identical to eager); None where eager takes another path (the whole-layer op then runs it)."""
+    """The quantize-in-graph path when eager would run exactly one oneDNN group (static: the fused calls;
+    dynamic: the group path with row scales) — same codes, same calls, bit-identical to eager; None where
+    eager takes another path (the whole-layer op then runs it)."""
     from segquant_core.backends.cpu_onednn import SMALL_M
     from segquant_core.backends.fused_quant import flavour
 
@@ -144,17 +169,20 @@ def _fused_onednn_group(layer: SegLinear, x2d: torch.Tensor) -> torch.Tensor | N
     if (
         layer.backend.name != "cpu-onednn-int8"
         or act is None
-        or act.dynamic
         or len(state.groups) != 1
         or state.groups[0].group.lowrank is not None
-        or state.groups[0].group.act_scale is None
+        or (not act.dynamic and state.groups[0].group.act_scale is None)
         or os.environ.get("SEGQUANT_CPU_GEMM", "rule") not in ("rule", "onednn")
         or (os.environ.get("SEGQUANT_CPU_GEMM", "rule") == "rule" and x2d.shape[0] <= SMALL_M)
     ):
         return None
     g = state.groups[0].group
-    scales = g.act_scale.float().reshape(-1)
     smooth = g.smooth if g.smooth is not None else torch.ones(x2d.shape[-1], device=x2d.device)
+    if act.dynamic:
+        kind = "token" if act.granularity is Granularity.TOKEN else "tensor"
+        codes, row = flavour(f"{kind}_{'dual' if act.dual else 'single'}")(x2d, smooth, torch.uint8)
+        return onednn_gemm_rows(codes, row.float(), layer.kernel_handle, act.dual, layer.out_features)
+    scales = g.act_scale.float().reshape(-1)
     if act.dual:
         codes = flavour("static_dual")(x2d, smooth, scales[0], scales[1], torch.uint8)
     else:

@@ -82,16 +82,22 @@ def test_shipped_families_compile_whole_and_match_eager(family: str) -> None:
     assert torch.equal(compiled, eager)
 
 
-def test_static_layers_quantize_in_the_graph() -> None:
-    """At M > 32 rows a single-group static layer is quantized by plain ops in the graph and only its oneDNN
-    GEMM is opaque; small-M layers (the AdaLN modulation) and per-head in-segments stay whole-layer ops."""
-    model, calls = _quantized("sd3", "w8a8-segquant")
+@pytest.mark.parametrize(
+    ("spec", "gemm_op"),
+    [("w8a8-segquant", "cpu_onednn_int8_gemm"), ("w4a8-segquant", "cpu_onednn_int8_gemm_rows")],
+    ids=["static", "dynamic-per-token"],
+)
+def test_single_group_layers_quantize_in_the_graph(spec: str, gemm_op: str) -> None:
+    """At M > 32 rows a single-group layer is quantized by plain ops in the graph (static scales, or dynamic
+    per-token DualScale) and only its oneDNN GEMM is opaque; small-M layers (the AdaLN modulation) and per-head
+    in-segments stay whole-layer ops. Bits equal to eager either way."""
+    model, calls = _quantized("sd3", spec)
     g = torch.Generator().manual_seed(9)
     big = {**calls[0], "hidden_states": torch.randn(2, 4, 16, 16, generator=g)}  # 2 × 64 tokens
     ops: set[str] = set()
     eager, compiled = _eager_then_compiled(model, big, ops)
     assert torch.equal(compiled, eager)
-    assert {"segquant.cpu_onednn_int8_gemm.default", "segquant.cpu_onednn_int8_linear.default"} <= ops
+    assert {f"segquant.{gemm_op}.default", "segquant.cpu_onednn_int8_linear.default"} <= ops
 
 
 @pytest.mark.parametrize(
