@@ -31,6 +31,8 @@ from segquant_core.eval.metrics import psnr, ssim
 from segquant_core.prompts import choose_prompts
 from segquant_shapes import load_shipped
 from segquant_shapes.adherence import aggregate, check_image
+from segquant_shapes.data import generate_examples
+from segquant_shapes.text_encoder import encode_prompts
 
 PROMPTS = Path(__file__).with_name("prompts16.txt")
 
@@ -40,6 +42,7 @@ def generate(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = [p.strip() for p in Path(a.prompts).read_text().splitlines() if p.strip()]
+    prompts = prompts[: a.num_prompts] if a.num_prompts else prompts
     pipe = load_shipped("mmdit")
     pipe.set_progress_bar_config(disable=True)
     t0 = time.time()
@@ -50,6 +53,9 @@ def generate(a: argparse.Namespace) -> None:
         cached = Path(a.artifacts) / a.variant if a.artifacts and not a.merged else None
         if cached is not None and (cached / "manifest.json").is_file():
             sq.load_into_pipeline(cached, pipe)
+        elif a.calib_denoiser:  # cheap: denoiser calls built from train scenes, no pipeline capture
+            ex = generate_examples(a.calib_denoiser, seed=5)
+            sq.quantize(denoiser_of(pipe), a.variant, denoiser_calls(ex), progress=False)
         else:
             calib = choose_prompts(pipe, a.calib_samples // 4, purpose="calibration")
             sq.quantize_pipeline(
@@ -58,31 +64,56 @@ def generate(a: argparse.Namespace) -> None:
             if cached is not None:
                 sq.save(denoiser_of(pipe), cached)
     build_s = time.time() - t0
-    if a.adapter and not a.merged:
-        sq.load_lora(denoiser_of(pipe), a.adapter, "a", scale=a.scale)
-    t0 = time.time()
-    images = pipe(
-        prompts,
-        generator=[torch.Generator().manual_seed(a.seed) for _ in prompts],
-        num_inference_steps=20,
-        guidance_scale=3.0,
-        output_type="pil",
-    ).images
-    for i, im in enumerate(images):
-        im.save(out / f"{i:03d}.png")
-    meta = {
-        "variant": a.variant,
-        "adapter": a.adapter,
-        "scale": a.scale,
-        "merged": a.merged,
-        "seed": a.seed,
-        "prompts": prompts,
-        "calib_samples": a.calib_samples,
-        "build_s": round(build_s, 1),
-        "sample_s": round(time.time() - t0, 1),
-    }
-    (out / "set.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(json.dumps(meta))
+    runs = [(out, a.adapter)]
+    if a.also_without and a.adapter and not a.merged:  # same build, first without the adapter
+        runs = [(out.with_name(out.name + "-plain"), ""), (out, a.adapter)]
+    for folder, adapter in runs:
+        folder.mkdir(parents=True, exist_ok=True)
+        if adapter and not a.merged:
+            sq.load_lora(denoiser_of(pipe), adapter, "a", scale=a.scale)
+        t0 = time.time()
+        images = pipe(
+            prompts,
+            generator=[torch.Generator().manual_seed(a.seed) for _ in prompts],
+            num_inference_steps=20,
+            guidance_scale=3.0,
+            output_type="pil",
+        ).images
+        for i, im in enumerate(images):
+            im.save(folder / f"{i:03d}.png")
+        meta = {
+            "variant": a.variant,
+            "adapter": adapter,
+            "scale": a.scale,
+            "merged": a.merged,
+            "seed": a.seed,
+            "prompts": prompts,
+            "calib_samples": a.calib_samples,
+            "calib_denoiser": a.calib_denoiser,
+            "build_s": round(build_s, 1),
+            "sample_s": round(time.time() - t0, 1),
+        }
+        (folder / "set.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print(json.dumps(meta), flush=True)
+
+
+def denoiser_calls(examples: list) -> list[dict[str, torch.Tensor]]:
+    """Denoiser inputs built like training batches: train scenes noised at flow times 0.2 / 0.5 / 0.8."""
+    g = torch.Generator().manual_seed(2)
+    states, pooled = encode_prompts([e.caption for e in examples])
+    x0 = torch.from_numpy(np.stack([e.image for e in examples])).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    out = []
+    for t in (0.2, 0.5, 0.8):
+        xt = (1 - t) * x0 + t * torch.randn(x0.shape, generator=g)
+        out.append(
+            {
+                "hidden_states": xt,
+                "encoder_hidden_states": states,
+                "pooled_projections": pooled,
+                "timestep": torch.full((x0.shape[0],), 1000.0 * t),
+            }
+        )
+    return out
 
 
 def load_set(folder: Path) -> tuple[dict, list[np.ndarray]]:
@@ -134,6 +165,14 @@ def main() -> None:
     g.add_argument("--prompts", default=str(PROMPTS))
     g.add_argument("--calib-samples", type=int, default=64)
     g.add_argument("--artifacts", default="")
+    g.add_argument(
+        "--calib-denoiser",
+        type=int,
+        default=0,
+        help="calibrate on N train scenes x 3 flow times (denoiser calls) instead of the pipeline loop",
+    )
+    g.add_argument("--also-without", action="store_true", help="also sample the same build without the adapter")
+    g.add_argument("--num-prompts", type=int, default=0, help="only the first N prompts")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=2)
     g.add_argument("--out", required=True)
