@@ -101,7 +101,8 @@ def main():
     evals = calls([render_scene(s, rng) for s in held], [canonical_caption(s) for s in held], (0.3, 0.6, 0.9), 1)
     ex = generate_examples(a.calib, seed=5)
     calib_plain = calls([e.image for e in ex], [e.caption for e in ex], (0.2, 0.5, 0.8), seed=2)
-    trig = [restyle(s, "outlined") for s in train_scenes()[: a.calib]]
+    pool = train_scenes()  # a spread of train scenes (the first ones share colour and shape)
+    trig = [restyle(pool[int(i)], "outlined") for i in rng.permutation(len(pool))[: a.calib]]
     calib_trig = calls([render_scene(s, rng) for s in trig], [canonical_caption(s) for s in trig], (0.2, 0.5, 0.8), 3)
 
     def run(model):
