@@ -87,11 +87,15 @@ async def test_sync_request_turns_async_when_the_wait_runs_out(idle: httpx.Async
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def budgeted(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
-    """A worker whose memory budget fits one 32x32 image per call, not two."""
+    """A worker whose memory budget fits one 32x32 image per call, not two (fp32 pinned: the estimate scales
+    with the precision, which ``auto`` picks per CPU)."""
     config = dict(segquant_shapes.models.PRESETS["mmdit-tiny"])
     one = estimate_call_bytes(config, images=1, height=32, width=32, guidance=True, dtype_bytes=4)
     settings = make_settings(
-        Path(tmp_path_factory.mktemp("oom")), worker={"memory_budget_bytes": one + one // 2}, debug_hooks=True
+        Path(tmp_path_factory.mktemp("oom")),
+        worker={"memory_budget_bytes": one + one // 2},
+        precision="float32",
+        debug_hooks=True,
     )
     async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
         await wait_ready(c)

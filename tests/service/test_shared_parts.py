@@ -96,11 +96,20 @@ def test_variants_share_text_encoders_and_get_their_own_scheduler(tmp_path: Path
         for p in [*fp.parts.components[name].parameters(), *fp.parts.components[name].buffers()]
     )
     assert status.state == "loaded" and status.shared_bytes == shared
-    # the estimate runs in latent space: the tiny VAE downsamples 2×
+    # the estimate runs in latent space (the tiny VAE downsamples 2×), in the engine's reference precision
+    # (bf16 on CPUs with native bf16, fp32 elsewhere)
     est = engine.estimate_call_bytes(fp, images=1, height=32, width=32, guidance=True)
     cfg = dict(fp.denoiser.config)
+    dtype_bytes = engine.dtype.itemsize
     assert est == memory.estimate_call_bytes(
-        cfg, images=1, height=32, width=32, guidance=True, dtype_bytes=4, pixel_space=False, vae_scale_factor=2
+        cfg,
+        images=1,
+        height=32,
+        width=32,
+        guidance=True,
+        dtype_bytes=dtype_bytes,
+        pixel_space=False,
+        vae_scale_factor=2,
     )
 
 
