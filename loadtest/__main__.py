@@ -40,12 +40,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if not variants or args.requests < 1 or args.concurrency < 1 or args.rate <= 0 or args.duration <= 0:
-        print("loadtest: error: --variants must be non-empty; --requests, --concurrency, --rate and --duration "
-              "must be positive", file=sys.stderr)
+        print(
+            "loadtest: error: --variants must be non-empty; --requests, --concurrency, --rate and --duration "
+            "must be positive",
+            file=sys.stderr,
+        )
         return 2
-    cfg = LoadConfig(base_url=args.url, variants=variants, mode=args.mode, concurrency=args.concurrency,
-                     rate=args.rate, requests=args.requests, duration=args.duration, prompt=args.prompt,
-                     model=args.model, steps=args.steps, size=args.size, api_key=args.api_key)
+    cfg = LoadConfig(
+        base_url=args.url,
+        variants=variants,
+        mode=args.mode,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        requests=args.requests,
+        duration=args.duration,
+        prompt=args.prompt,
+        model=args.model,
+        steps=args.steps,
+        size=args.size,
+        api_key=args.api_key,
+    )
     samples, wall = asyncio.run(run(cfg))
     rows = summarize(samples, wall)
     print_table(rows)

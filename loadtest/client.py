@@ -36,5 +36,14 @@ async def generate(client: httpx.AsyncClient, body: dict[str, Any], variant: str
         return Sample(variant, start - t0, latency, resp.status_code, "error", detail=resp.text[:200])
     data = resp.json()
     timings = data.get("timings", {})
-    return Sample(variant, start - t0, latency, 200, "ok", timings.get("queue_wait_s"), timings.get("inference_s"),
-                  timings.get("total_s"), data.get("batch_size"))
+    return Sample(
+        variant,
+        start - t0,
+        latency,
+        200,
+        "ok",
+        timings.get("queue_wait_s"),
+        timings.get("inference_s"),
+        timings.get("total_s"),
+        data.get("batch_size"),
+    )

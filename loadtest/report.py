@@ -14,22 +14,39 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    cols = ["variant", "requests", "ok", "throughput_rps", "p50_s", "p90_s", "p99_s", "queue_wait_mean_s",
-            "inference_mean_s", "error_rate", "rejected_rate"]
+    cols = [
+        "variant",
+        "requests",
+        "ok",
+        "throughput_rps",
+        "p50_s",
+        "p90_s",
+        "p99_s",
+        "queue_wait_mean_s",
+        "inference_mean_s",
+        "error_rate",
+        "rejected_rate",
+    ]
     table = Table(title="loadtest — per variant")
     for c in cols:
         table.add_column(c, justify="left" if c == "variant" else "right")
     for r in rows:
-        table.add_row(*["–" if r[c] is None else (f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]))
-                        for c in cols])
+        table.add_row(
+            *["–" if r[c] is None else (f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])) for c in cols]
+        )
     Console(width=200).print(table)
 
 
-def write_json(path: Path, config: dict[str, Any], rows: list[dict[str, Any]], samples: list[Sample],
-               wall_s: float) -> None:
+def write_json(
+    path: Path, config: dict[str, Any], rows: list[dict[str, Any]], samples: list[Sample], wall_s: float
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": config, "wall_s": wall_s, "summary": rows,
-                                "samples": [asdict(s) for s in samples]}, indent=2) + "\n")
+    path.write_text(
+        json.dumps(
+            {"config": config, "wall_s": wall_s, "summary": rows, "samples": [asdict(s) for s in samples]}, indent=2
+        )
+        + "\n"
+    )
 
 
 def write_png(path: Path, samples: list[Sample], bin_s: float | None = None) -> None:

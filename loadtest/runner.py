@@ -64,9 +64,9 @@ async def run(cfg: LoadConfig) -> tuple[list[Sample], float]:
             return None
         return i, next(variant_cycle)
 
-    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=cfg.timeout, headers=headers,
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(base_url=cfg.base_url, timeout=cfg.timeout, headers=headers, limits=limits) as client:
         if cfg.mode == "closed":
+
             async def worker() -> None:
                 while (req := next_request()) is not None:
                     i, variant = req

@@ -28,15 +28,19 @@ def summarize(samples: list[Sample], wall_s: float) -> list[dict[str, Any]]:
         mine = [s for s in samples if s.variant == variant]
         ok = [s for s in mine if s.outcome == "ok"]
         lat = [s.latency_s for s in ok]
-        rows.append({
-            "variant": variant,
-            "requests": len(mine),
-            "ok": len(ok),
-            "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
-            "p50_s": percentile(lat, 50), "p90_s": percentile(lat, 90), "p99_s": percentile(lat, 99),
-            "queue_wait_mean_s": _mean([s.queue_wait_s for s in ok if s.queue_wait_s is not None]),
-            "inference_mean_s": _mean([s.inference_s for s in ok if s.inference_s is not None]),
-            "error_rate": sum(s.outcome == "error" for s in mine) / len(mine),
-            "rejected_rate": sum(s.outcome == "rejected" for s in mine) / len(mine),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "requests": len(mine),
+                "ok": len(ok),
+                "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
+                "p50_s": percentile(lat, 50),
+                "p90_s": percentile(lat, 90),
+                "p99_s": percentile(lat, 99),
+                "queue_wait_mean_s": _mean([s.queue_wait_s for s in ok if s.queue_wait_s is not None]),
+                "inference_mean_s": _mean([s.inference_s for s in ok if s.inference_s is not None]),
+                "error_rate": sum(s.outcome == "error" for s in mine) / len(mine),
+                "rejected_rate": sum(s.outcome == "rejected" for s in mine) / len(mine),
+            }
+        )
     return rows

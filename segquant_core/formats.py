@@ -86,8 +86,9 @@ def scale_from_amax(amax: torch.Tensor, fmt: QuantFormat, side: str = "both") ->
     return torch.where(amax > TINY_AMAX, scale, torch.ones_like(scale))
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat,
-             lo: float | None = None, hi: float | None = None) -> torch.Tensor:
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, lo: float | None = None, hi: float | None = None
+) -> torch.Tensor:
     """Codes of ``x`` (computed in fp32) with step ``scale``; ``lo``/``hi`` narrow the code range.
 
     Integers round half-to-even and come back as int8 (int4 codes too, unpacked); fp8 saturates at

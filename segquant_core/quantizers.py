@@ -72,8 +72,12 @@ class ActivationSpec:
         return 2 if self.dual else 1
 
     def to_dict(self) -> dict:
-        return {"fmt": self.fmt.value, "granularity": self.granularity.value,
-                "dynamic": self.dynamic, "dual": self.dual}
+        return {
+            "fmt": self.fmt.value,
+            "granularity": self.granularity.value,
+            "dynamic": self.dynamic,
+            "dual": self.dual,
+        }
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -153,8 +157,9 @@ def activation_scales(spec: ActivationSpec, amax: torch.Tensor, neg_amax: torch.
     return torch.stack((scale_from_amax(amax, spec.fmt, "pos"), scale_from_amax(neg_amax, spec.fmt, "neg")))
 
 
-def encode_activation(x: torch.Tensor, spec: ActivationSpec,
-                      static_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_activation(
+    x: torch.Tensor, spec: ActivationSpec, static_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x [M, K]`` → ``(codes [P, M, K], scales [P, M|1, 1])``; never writes into ``x``.
 
     Static quantizers pass their calibrated ``static_scales`` (``[P]``); dynamic ones compute them here.
@@ -181,8 +186,9 @@ def decode_activation(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return (codes.float() * scales).sum(dim=0)
 
 
-def fake_quantize_activation(x: torch.Tensor, spec: ActivationSpec,
-                             static_scales: torch.Tensor | None = None) -> torch.Tensor:
+def fake_quantize_activation(
+    x: torch.Tensor, spec: ActivationSpec, static_scales: torch.Tensor | None = None
+) -> torch.Tensor:
     """Quantize-dequantize ``x`` (any shape, last dim = features) in fp32; the input is left untouched."""
     flat = x.reshape(-1, x.shape[-1])
     return decode_activation(*encode_activation(flat, spec, static_scales)).reshape(x.shape)

@@ -113,8 +113,10 @@ class CalibrationSpec(BaseModel):
         if "steps_per_prompt" not in self.model_fields_set:
             self.steps_per_prompt = min(self.steps_per_prompt, self.num_inference_steps)
         if self.steps_per_prompt > self.num_inference_steps:
-            raise ValueError(f"calibration.steps_per_prompt ({self.steps_per_prompt}) must not exceed the "
-                             f"calibration steps ({self.num_inference_steps})")
+            raise ValueError(
+                f"calibration.steps_per_prompt ({self.steps_per_prompt}) must not exceed the "
+                f"calibration steps ({self.num_inference_steps})"
+            )
 
 
 class VariantSpec(BaseModel):
@@ -158,8 +160,9 @@ class ModelSpec(BaseModel):
     description: str = ""
     default_variant: str | None = None
     sizes: SizeRule | None = Field(None, description="derived from the pipeline's configs; given fields win")
-    drop_components: list[str] = Field(default_factory=list,
-                                       description="optional components loaded as None, e.g. [text_encoder_3]")
+    drop_components: list[str] = Field(
+        default_factory=list, description="optional components loaded as None, e.g. [text_encoder_3]"
+    )
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     build_on_demand: bool = Field(True, description="a job for an unbuilt variant starts its build (else: 409)")
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -287,8 +290,15 @@ class Registry:
             for recipe in DEFAULT_RECIPES:  # checkpoints built by `python -m segquant_cli.shipped_checkpoints`
                 shipped = shipped_checkpoint_dir(shipped_name, recipe)
                 variants.append({"name": recipe, "recipe": recipe, **({"artifact": shipped} if shipped else {})})
-            entries.append({"name": name, "source": f"shipped:{shipped_name}", "description": description,
-                            "variants": variants, "adapters": shipped_adapters(shipped_name)})
+            entries.append(
+                {
+                    "name": name,
+                    "source": f"shipped:{shipped_name}",
+                    "description": description,
+                    "variants": variants,
+                    "adapters": shipped_adapters(shipped_name),
+                }
+            )
         return cls.from_data(entries)
 
     @classmethod
@@ -332,8 +342,9 @@ class Registry:
 
     def eval_report_path(self, key: VariantKey, cache_dir: Path) -> Path:
         spec = self.model(key.model).variant(key.variant)
-        return spec.eval_report.expanduser() if spec.eval_report else \
-            self.artifact_dir(key, cache_dir) / EVAL_REPORT_FILE
+        return (
+            spec.eval_report.expanduser() if spec.eval_report else self.artifact_dir(key, cache_dir) / EVAL_REPORT_FILE
+        )
 
 
 def shipped_checkpoint_dir(model: str, variant: str) -> Path | None:
@@ -351,8 +362,11 @@ def shipped_adapters(model: str) -> list[dict[str, str]]:
     folder = root / "loras" if root is not None else None
     if folder is None or not folder.is_dir():
         return []
-    return [{"name": d.name, "path": f"shipped:{model}/{d.name}"}
-            for d in sorted(folder.iterdir()) if (d / ADAPTER_CARD_FILE).is_file()]
+    return [
+        {"name": d.name, "path": f"shipped:{model}/{d.name}"}
+        for d in sorted(folder.iterdir())
+        if (d / ADAPTER_CARD_FILE).is_file()
+    ]
 
 
 def _read_structured(path: Path) -> Any:

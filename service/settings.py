@@ -50,11 +50,17 @@ class QueueSettings(BaseModel):
 
     max_depth: int = Field(64, ge=1, description="queued (not yet started) jobs across all variants; above: 503")
     max_depth_per_variant: int | None = Field(
-        None, ge=1, description="queued jobs of one variant; default: max_depth shared evenly by the registry's "
-        "variants (at least 1), so one variant's backlog cannot take every other variant's room")
+        None,
+        ge=1,
+        description="queued jobs of one variant; default: max_depth shared evenly by the registry's "
+        "variants (at least 1), so one variant's backlog cannot take every other variant's room",
+    )
     unserved_timeout_s: float = Field(
-        120.0, ge=0, description="a queued job whose variant no live worker has served for this long fails "
-        "with reason 'unserved'; 0 = at once")
+        120.0,
+        ge=0,
+        description="a queued job whose variant no live worker has served for this long fails "
+        "with reason 'unserved'; 0 = at once",
+    )
     result_ttl_s: int = Field(3600, ge=1, description="how long finished jobs and their results are kept")
     idempotency_ttl_s: int = Field(24 * 3600, ge=1)
     max_deliveries: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
@@ -67,8 +73,10 @@ class QueueSettings(BaseModel):
     @model_validator(mode="after")
     def _reclaim_after_heartbeats(self) -> QueueSettings:
         if self.reclaim_idle_s < 2 * self.heartbeat_interval_s:
-            raise ValueError(f"queue.reclaim_idle_s ({self.reclaim_idle_s}) must be at least twice "
-                             f"queue.heartbeat_interval_s ({self.heartbeat_interval_s}), or live jobs get stolen")
+            raise ValueError(
+                f"queue.reclaim_idle_s ({self.reclaim_idle_s}) must be at least twice "
+                f"queue.heartbeat_interval_s ({self.heartbeat_interval_s}), or live jobs get stolen"
+            )
         return self
 
 
@@ -77,25 +85,34 @@ class WorkerSettings(BaseModel):
 
     id: str | None = Field(None, description="consumer name; default host-pid-random")
     variants: list[str] = Field(default_factory=list, description="served variants; empty = every registry variant")
-    preload: list[str] | None = Field(None, description="variants loaded before the worker reports ready; "
-                                                        "default: the first served model's default variant "
-                                                        "(the other models load on their first job)")
+    preload: list[str] | None = Field(
+        None,
+        description="variants loaded before the worker reports ready; "
+        "default: the first served model's default variant "
+        "(the other models load on their first job)",
+    )
     warmup: bool = Field(True, description="run a one-step generation after loading a variant (lazy setup costs)")
     max_loaded_variants: int = Field(3, ge=1, description="pipelines kept in memory (LRU)")
     max_batch_size: int = Field(4, ge=1, description="images per pipeline call when batching compatible jobs")
-    adapter_cache_size: int = Field(4, ge=1, description="LoRA adapters kept loaded per denoiser (LRU); at least "
-                                                         "limits.max_loras_per_request")
+    adapter_cache_size: int = Field(
+        4, ge=1, description="LoRA adapters kept loaded per denoiser (LRU); at least limits.max_loras_per_request"
+    )
     batch_wait_ms: int = Field(50, ge=0, description="how long to wait for more compatible jobs")
-    drain_timeout_s: float = Field(60.0, ge=0, description="on SIGTERM: finish the running batch this long, "
-                                                           "then stop it and hand its jobs back")
-    memory_budget_bytes: int | None = Field(None, ge=1, description="estimated activation bytes per pipeline "
-                                                                    "call above which it fails with 'oom'")
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="on SIGTERM: finish the running batch this long, then stop it and hand its jobs back"
+    )
+    memory_budget_bytes: int | None = Field(
+        None, ge=1, description="estimated activation bytes per pipeline call above which it fails with 'oom'"
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="worker /metrics port; 0 = off")
     cancel_poll_s: float = Field(0.25, gt=0)
     step_timeout_s: float | None = Field(
-        None, gt=0, description="a call with no denoising step for this long is stalled: its jobs fail with "
+        None,
+        gt=0,
+        description="a call with no denoising step for this long is stalled: its jobs fail with "
         "'stalled', and a call that does not stop then makes the worker exit non-zero (supervisor restarts it, "
-        "the jobs are reclaimed); default: 20 x the variant's median step time, never below 60 s")
+        "the jobs are reclaimed); default: 20 x the variant's median step time, never below 60 s",
+    )
 
 
 class Settings(BaseSettings):
@@ -107,17 +124,21 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     redis_url: str | None = Field(None, description="no URL: embedded mode (in-process queue and worker)")
     key_prefix: str = Field("segquant", pattern=r"^[A-Za-z0-9_.:-]+$", description="prefix of every Redis key")
-    embedded_worker: bool | None = Field(None, description="run a worker inside the API process; "
-                                                            "default: only without a Redis URL")
+    embedded_worker: bool | None = Field(
+        None, description="run a worker inside the API process; default: only without a Redis URL"
+    )
     registry_file: Path | None = Field(None, description="YAML/TOML/JSON model registry; default: shipped model")
     models: list[dict[str, Any]] | None = Field(None, description="inline registry (instead of registry_file)")
     cache_dir: Path = Field(Path("~/.cache/segquant-serve").expanduser(), description="built artifacts live here")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="precision of the fp variant and of every variant's float parts: auto = bf16/fp16 on "
-        "GPU, bf16 on CPUs with AVX512-BF16 or AMX, fp32 on other CPUs")
+        "auto",
+        description="precision of the fp variant and of every variant's float parts: auto = bf16/fp16 on "
+        "GPU, bf16 on CPUs with AVX512-BF16 or AMX, fp32 on other CPUs",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="empty = no authentication; env: comma-separated or a JSON list")
+        default_factory=list, description="empty = no authentication; env: comma-separated or a JSON list"
+    )
     debug_hooks: bool = Field(False, description="accept the test-only 'debug' request field (never in prod)")
     log_level: str = "INFO"
     limits: LimitSettings = Field(default_factory=LimitSettings)
@@ -141,9 +162,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _adapters_fit_the_cache(self) -> Settings:
         if self.worker.adapter_cache_size < self.limits.max_loras_per_request:
-            raise ValueError(f"worker.adapter_cache_size ({self.worker.adapter_cache_size}) must be at least "
-                             f"limits.max_loras_per_request ({self.limits.max_loras_per_request}): one batch's "
-                             "adapters must all stay loaded")
+            raise ValueError(
+                f"worker.adapter_cache_size ({self.worker.adapter_cache_size}) must be at least "
+                f"limits.max_loras_per_request ({self.limits.max_loras_per_request}): one batch's "
+                "adapters must all stay loaded"
+            )
         return self
 
     @model_validator(mode="after")
@@ -159,12 +182,14 @@ class Settings(BaseSettings):
         return self.redis_url is None if self.embedded_worker is None else self.embedded_worker
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
-                                   init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_file.get() or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
         if path is not None:

@@ -57,7 +57,7 @@ def _option(args: list[str], name: str) -> str | None:
 def target_url(argv: list[str], env: dict[str, str]) -> str | None:
     """The URL that tells whether the process described by ``argv`` is healthy (None: nothing to ask)."""
     start = _command_index(argv)
-    args = argv[start + 1:] if start is not None else []
+    args = argv[start + 1 :] if start is not None else []
     role = next((a for a in args if not a.startswith("-")), "serve")
     if role == "worker":
         port = _option(args, "--metrics-port") or env.get("SEGQUANT_WORKER__METRICS_PORT")

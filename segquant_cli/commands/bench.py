@@ -9,26 +9,39 @@ from pathlib import Path
 
 from segquant_cli.errors import CLIError
 
-PEERS_HELP = ("comma-separated CPU peers timed in the same run: pt2e (torchao X86InductorQuantizer + Inductor "
-              "freezing), openvino (NNCF INT8, linears only); needs the 'peers' extra")
+PEERS_HELP = (
+    "comma-separated CPU peers timed in the same run: pt2e (torchao X86InductorQuantizer + Inductor "
+    "freezing), openvino (NNCF INT8, linears only); needs the 'peers' extra"
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark float vs quantized (layer, block, pipeline)",
-                       description="Alternating side-by-side timing with medians and ratios; tables + JSON.")
+    p = sub.add_parser(
+        "bench",
+        help="benchmark float vs quantized (layer, block, pipeline)",
+        description="Alternating side-by-side timing with medians and ratios; tables + JSON.",
+    )
     levels = p.add_subparsers(dest="level", metavar="LEVEL", required=True)
 
     lp = levels.add_parser("layer", help="one linear layer at DiT shapes")
-    lp.add_argument("--model", choices=["sd35", "flux", "targets"], default="targets",
-                    help="shape set: the CPU target shapes (default), SD3.5-medium or Flux")
+    lp.add_argument(
+        "--model",
+        choices=["sd35", "flux", "targets"],
+        default="targets",
+        help="shape set: the CPU target shapes (default), SD3.5-medium or Flux",
+    )
     lp.add_argument("--tokens", default="1024", help="comma-separated token counts for sd35/flux (default 1024)")
     lp.add_argument("--rounds", type=int, default=10)
     lp.add_argument("--no-compile", action="store_true", help="skip the torch.compile bf16 baseline")
     lp.add_argument("--fp8", action="store_true", help="include fp8 (slow on CPU)")
     lp.add_argument("--reference", action="store_true", help="include the fake-quant reference backend")
     lp.add_argument("--json", default="bench-layer.json", help="where to write the JSON (default bench-layer.json)")
-    lp.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                    help="cuda: CUDA-synchronised timing, cuBLAS bf16 baseline, max_memory_allocated per candidate")
+    lp.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: CUDA-synchronised timing, cuBLAS bf16 baseline, max_memory_allocated per candidate",
+    )
     lp.add_argument("--peers", default="", help=PEERS_HELP)
 
     bp = levels.add_parser("block", help="one SD3.5-medium-shaped transformer block")
@@ -37,12 +50,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     bp.add_argument("--context-tokens", type=int, default=333)
     bp.add_argument("--rounds", type=int, default=6)
     bp.add_argument("--json", default="bench-block.json")
-    bp.add_argument("--lora-rank", type=int, default=0,
-                    help="also time each recipe with a random LoRA of this rank on every linear (float side branch)")
+    bp.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="also time each recipe with a random LoRA of this rank on every linear (float side branch)",
+    )
     bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bp.add_argument("--peers", default="", help=PEERS_HELP)
-    bp.add_argument("--compile", action="store_true",
-                    help="also time bf16 and every recipe under torch.compile (+compiled candidates)")
+    bp.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time bf16 and every recipe under torch.compile (+compiled candidates)",
+    )
 
     pp = levels.add_parser("pipeline", help="the shipped model end to end, fp vs each variant")
     pp.add_argument("--model", default="shipped:mmdit", help="pipeline dir or shipped:NAME (mmdit, unet, flux)")
@@ -53,22 +73,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.add_argument("--memory", action="store_true", help="also measure peak memory per variant (subprocesses)")
     pp.add_argument("--json", default="bench-pipeline.json")
     pp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    pp.add_argument("--compile", action="store_true",
-                    help="also time every variant, fp included, under torch.compile (+compiled candidates)")
-    pp.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
-                    help="precision of the float parts (fp's weights, every variant's norms and attention)")
+    pp.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every variant, fp included, under torch.compile (+compiled candidates)",
+    )
+    pp.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="precision of the float parts (fp's weights, every variant's norms and attention)",
+    )
 
-    qp = levels.add_parser("quantize", help="build cost: memory at real size (SD3.5-medium config), or "
-                           "block-sequential vs whole-model calibration on a shipped model")
-    qp.add_argument("--model", default="sd35-medium",
-                    help="sd35-medium (random weights, real config, synthetic inputs; default) or a pipeline "
-                    "(shipped:mmdit / shipped:unet / shipped:flux / a directory) to compare calibration modes on")
+    qp = levels.add_parser(
+        "quantize",
+        help="build cost: memory at real size (SD3.5-medium config), or "
+        "block-sequential vs whole-model calibration on a shipped model",
+    )
+    qp.add_argument(
+        "--model",
+        default="sd35-medium",
+        help="sd35-medium (random weights, real config, synthetic inputs; default) or a pipeline "
+        "(shipped:mmdit / shipped:unet / shipped:flux / a directory) to compare calibration modes on",
+    )
     qp.add_argument("--layers", type=int, default=4, help="blocks of the SD3.5-medium model (default 4)")
     qp.add_argument("--samples", type=int, default=16, help="calibration calls (default 16)")
-    qp.add_argument("--recipe", "--recipes", dest="recipes", default="w4a8-segquant,w8a8-segquant",
-                    help="comma-separated recipes (default w4a8-segquant,w8a8-segquant)")
-    qp.add_argument("--input-budget", type=float, default=None,
-                    help="GiB of recorded block inputs kept in memory before spilling (default: half the free RAM)")
+    qp.add_argument(
+        "--recipe",
+        "--recipes",
+        dest="recipes",
+        default="w4a8-segquant,w8a8-segquant",
+        help="comma-separated recipes (default w4a8-segquant,w8a8-segquant)",
+    )
+    qp.add_argument(
+        "--input-budget",
+        type=float,
+        default=None,
+        help="GiB of recorded block inputs kept in memory before spilling (default: half the free RAM)",
+    )
     qp.add_argument("--rounds", type=int, default=2, help="alternating rounds for a pipeline model (default 2)")
     qp.add_argument("--json", default="bench-quantize.json")
 
@@ -133,18 +175,33 @@ def run(args: argparse.Namespace) -> int:
             except ValueError:
                 raise CLIError(f"--tokens must be comma-separated integers, got {args.tokens!r}") from None
             shapes = default_shapes(args.model, tokens)
-        rows = run_layer_bench(shapes, rounds=args.rounds, include_compile=not args.no_compile,
-                               include_fp8=args.fp8, include_reference=args.reference, device=device, progress=say,
-                               peers=peers)
+        rows = run_layer_bench(
+            shapes,
+            rounds=args.rounds,
+            include_compile=not args.no_compile,
+            include_fp8=args.fp8,
+            include_reference=args.reference,
+            device=device,
+            progress=say,
+            peers=peers,
+        )
         title = f"bench layer — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["shape", "candidate", "median_ms", "vs_bf16", "vs_fp32", "vs_torch_ao", "rel_err", "weight_bytes"]
     elif args.level == "block":
         from segquant_core.bench.block import run_block_bench
 
         recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
-        rows = run_block_bench(recipes, tokens=args.tokens, context_tokens=args.context_tokens, rounds=args.rounds,
-                               device=device, progress=say, lora_rank=args.lora_rank, compiled=args.compile,
-                               peers=peers)
+        rows = run_block_bench(
+            recipes,
+            tokens=args.tokens,
+            context_tokens=args.context_tokens,
+            rounds=args.rounds,
+            device=device,
+            progress=say,
+            lora_rank=args.lora_rank,
+            compiled=args.compile,
+            peers=peers,
+        )
         title = f"bench block — {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
         columns = ["case", "candidate", "median_ms", "vs_bf16", "rel_err"]
         if args.compile:
@@ -163,14 +220,27 @@ def run(args: argparse.Namespace) -> int:
         evals = getattr(probe, "default_eval_prompts", None)
         prompt = next(iter(evals(1))) if callable(evals) else prompts[0]
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        memory_cmd = ([sys.executable, "-m", "segquant_cli", "bench", "memory-probe", args.model]
-                      if args.memory else None)
-        rows = run_pipeline_bench(lambda: load_pipeline(args.model), variants, prompts[:16], prompt=prompt,
-                                  batch=args.batch, steps=args.steps, rounds=args.rounds, memory_cmd=memory_cmd,
-                                  device=device, progress=say, dtype=getattr(torch, args.precision),
-                                  compiled=args.compile)
-        title = (f"bench pipeline — {args.model}, {args.precision}, {env['cpu']}, {env['threads']} threads, "
-                 f"torch {env['torch']}")
+        memory_cmd = (
+            [sys.executable, "-m", "segquant_cli", "bench", "memory-probe", args.model] if args.memory else None
+        )
+        rows = run_pipeline_bench(
+            lambda: load_pipeline(args.model),
+            variants,
+            prompts[:16],
+            prompt=prompt,
+            batch=args.batch,
+            steps=args.steps,
+            rounds=args.rounds,
+            memory_cmd=memory_cmd,
+            device=device,
+            progress=say,
+            dtype=getattr(torch, args.precision),
+            compiled=args.compile,
+        )
+        title = (
+            f"bench pipeline — {args.model}, {args.precision}, {env['cpu']}, {env['threads']} threads, "
+            f"torch {env['torch']}"
+        )
         columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"]
         if args.compile:
             columns[4:4] = ["vs_fp_compiled", "compile_s"]
@@ -180,12 +250,12 @@ def run(args: argparse.Namespace) -> int:
         from segquant_core.bench.memory import REAL_DENOISERS, computed_serving_bytes, run_memory_bench
 
         try:
-            rows, targets = run_memory_bench(args.layers, device=args.device,
-                                             workdir=Path(args.workdir) if args.workdir else None, progress=say)
+            rows, targets = run_memory_bench(
+                args.layers, device=args.device, workdir=Path(args.workdir) if args.workdir else None, progress=say
+            )
         except ValueError as e:
             raise CLIError(str(e)) from None
-        title = (f"bench memory — random SD3.5-medium, {args.layers} of 24 blocks, bf16, {args.device}, "
-                 f"{env['cpu']}")
+        title = f"bench memory — random SD3.5-medium, {args.layers} of 24 blocks, bf16, {args.device}, {env['cpu']}"
         columns = ["probe", "files_bytes", "baseline_rss_bytes", "peak_rss_bytes", "rss_bytes", "denoiser_bytes"]
         if args.device == "cuda":
             columns.append("cuda_max_allocated_bytes")
@@ -199,10 +269,19 @@ def run(args: argparse.Namespace) -> int:
         path = write_json(Path(args.json), args.level, env, rows, command)
         data = json.loads(path.read_text())
         computed = [computed_serving_bytes(n) for n in REAL_DENOISERS]
-        computed_cols = ["model", "fp_bytes", "w8a8_bytes", "w4a8_resident_bytes", "w4a8_checkpoint_bytes",
-                         "shared_bytes", "serving_3_bytes", "without_sharing_bytes"]
-        print_table("COMPUTED (not measured): one worker serving fp + w8a8 + w4a8 with shared parts", computed,
-                    computed_cols)
+        computed_cols = [
+            "model",
+            "fp_bytes",
+            "w8a8_bytes",
+            "w4a8_resident_bytes",
+            "w4a8_checkpoint_bytes",
+            "shared_bytes",
+            "serving_3_bytes",
+            "without_sharing_bytes",
+        ]
+        print_table(
+            "COMPUTED (not measured): one worker serving fp + w8a8 + w4a8 with shared parts", computed, computed_cols
+        )
         data.update(targets=targets["items"], targets_met=targets["targets_met"], computed=computed)
         path.write_text(json.dumps(data, indent=2) + "\n")
         md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)
@@ -254,12 +333,25 @@ def _quantize_rows(args: argparse.Namespace, env: dict, say) -> tuple[list[dict]
         from segquant_core.bench.quantize import run_real_size_build
 
         budget = None if args.input_budget is None else int(args.input_budget * (1 << 30))
-        rows = [run_real_size_build(r, layers=args.layers, samples=args.samples, input_budget_bytes=budget,
-                                    progress=say) for r in recipes]
-        title = (f"bench quantize — random SD3.5-medium, {args.layers} blocks, bf16, {args.samples} samples of "
-                 f"1024+333 tokens, {env['cpu']}, {env['threads']} threads, torch {env['torch']}")
-        columns = ["recipe", "layers", "samples", "float_model_bytes", "peak_rss_bytes", "recorded_input_bytes",
-                   "overhead_bytes", "seconds", "peak_rss_with_kernels_bytes"]
+        rows = [
+            run_real_size_build(r, layers=args.layers, samples=args.samples, input_budget_bytes=budget, progress=say)
+            for r in recipes
+        ]
+        title = (
+            f"bench quantize — random SD3.5-medium, {args.layers} blocks, bf16, {args.samples} samples of "
+            f"1024+333 tokens, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
+        )
+        columns = [
+            "recipe",
+            "layers",
+            "samples",
+            "float_model_bytes",
+            "peak_rss_bytes",
+            "recorded_input_bytes",
+            "overhead_bytes",
+            "seconds",
+            "peak_rss_with_kernels_bytes",
+        ]
         return rows, title, columns
     from segquant_cli.models import load_pipeline
     from segquant_core.bench.quantize import run_calibration_comparison
@@ -272,8 +364,9 @@ def _quantize_rows(args: argparse.Namespace, env: dict, say) -> tuple[list[dict]
     prompts = prompts[: max(1, args.samples // 4)]  # 4 recorded steps per prompt
     rows = []
     for r in recipes:
-        rows += run_calibration_comparison(lambda: load_pipeline(args.model), r, prompts, rounds=args.rounds,
-                                           progress=say)
+        rows += run_calibration_comparison(
+            lambda: load_pipeline(args.model), r, prompts, rounds=args.rounds, progress=say
+        )
     title = f"bench quantize — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
     columns = ["recipe", "mode", "samples", "median_s", "vs_whole_model", "rounds", "alpha_same", "codes_identical"]
     return rows, title, columns

@@ -53,8 +53,9 @@ def _halves(xf: torch.Tensor, sp: torch.Tensor, sn: torch.Tensor, dtype: torch.d
     return codes.to(dtype).reshape(2 * xf.shape[0], xf.shape[1])
 
 
-def _static_dual(x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: torch.Tensor,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _static_dual(
+    x: torch.Tensor, smooth: torch.Tensor, sp: torch.Tensor, sn: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     return _halves(x.float() / smooth, sp, sn, dtype)
 
 
@@ -69,8 +70,9 @@ def _single_codes(xf: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype) -> t
     return (codes + offset if offset else codes).to(dtype), scale.expand(xf.shape[0], 1)
 
 
-def _dual_codes(xf: torch.Tensor, ap: torch.Tensor, an: torch.Tensor,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _dual_codes(
+    xf: torch.Tensor, ap: torch.Tensor, an: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     sp, sn = _scale(ap, 127.0), _scale(an, 128.0)
     m = xf.shape[0]
     return _halves(xf, sp, sn, dtype), torch.cat((sp.expand(m, 1), sn.expand(m, 1)))
@@ -99,8 +101,11 @@ def _tensor_dual(x: torch.Tensor, smooth: torch.Tensor, dtype: torch.dtype) -> t
 
 
 _FLAVOURS: dict[str, Callable] = {
-    "static_single": _static_single, "static_dual": _static_dual,
-    "token_single": _token_single, "tensor_single": _tensor_single, "token_dual": _token_dual,
+    "static_single": _static_single,
+    "static_dual": _static_dual,
+    "token_single": _token_single,
+    "tensor_single": _tensor_single,
+    "token_dual": _token_dual,
     "tensor_dual": _tensor_dual,
 }
 
@@ -154,9 +159,15 @@ def _ones(k: int, device: str) -> torch.Tensor:
     return torch.ones(k, device=device)
 
 
-def encode_rows(x: torch.Tensor, spec: ActivationSpec, static_scales: torch.Tensor | None,
-                smooth: torch.Tensor | None, *, unsigned: bool,
-                as_float: bool = False) -> tuple[torch.Tensor, float | torch.Tensor]:
+def encode_rows(
+    x: torch.Tensor,
+    spec: ActivationSpec,
+    static_scales: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    *,
+    unsigned: bool,
+    as_float: bool = False,
+) -> tuple[torch.Tensor, float | torch.Tensor]:
     """Int8 activation codes of ``x [M, K]`` as ``[P·M, K]`` rows plus their scale (float or ``[P·M, 1]``).
 
     ``unsigned=True`` shifts codes by +128 into uint8 (oneDNN's fast u8 path); ``as_float=True`` returns

@@ -26,8 +26,11 @@ def plot_speedup_vs_tokens(json_path: str | Path, png_path: str | Path, role: st
     ax.axhline(1.0, color="grey", lw=1, ls="--")
     ax.set_xscale("log", base=2)
     env = data.get("environment", {})
-    ax.set(xlabel="tokens (M)", ylabel="speed-up over bf16 nn.Linear",
-           title=f"{role} layer — {env.get('cpu', '')}, {env.get('threads', '?')} threads")
+    ax.set(
+        xlabel="tokens (M)",
+        ylabel="speed-up over bf16 nn.Linear",
+        title=f"{role} layer — {env.get('cpu', '')}, {env.get('threads', '?')} threads",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -29,8 +29,7 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def write_json(path: str | Path, level: str, env: dict[str, Any], rows: list[dict[str, Any]],
-               command: str) -> Path:
+def write_json(path: str | Path, level: str, env: dict[str, Any], rows: list[dict[str, Any]], command: str) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps({"level": level, "command": command, "environment": env, "rows": rows}, indent=2) + "\n")
@@ -44,8 +43,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: str | Path, title: str, rows: list[dict[str, Any]], columns: list[str],
-                   command: str) -> Path:
+def write_markdown(path: str | Path, title: str, rows: list[dict[str, Any]], columns: list[str], command: str) -> Path:
     """``title``, the exact command, and the table — ready to paste into docs/benchmarks.md."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def alternate(candidates: dict[str, Callable[[], object]], *, rounds: int = 10, warmup: int = 2,
-              device: str = "cpu", max_seconds: float | None = None) -> dict[str, Timing]:
+def alternate(
+    candidates: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 10,
+    warmup: int = 2,
+    device: str = "cpu",
+    max_seconds: float | None = None,
+) -> dict[str, Timing]:
     """Median wall time of each candidate over ``rounds`` interleaved runs (after ``warmup`` each)."""
     for _ in range(warmup):
         for fn in candidates.values():

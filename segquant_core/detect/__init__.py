@@ -45,8 +45,14 @@ __all__ = [
 ]
 
 
-def detect(model: nn.Module, example_kwargs: dict[str, Any] | None = None, *, example_args: tuple[Any, ...] = (),
-           include: Callable[[str], bool] | None = None, capture_method: CaptureMethod = "auto") -> Plan:
+def detect(
+    model: nn.Module,
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    example_args: tuple[Any, ...] = (),
+    include: Callable[[str], bool] | None = None,
+    capture_method: CaptureMethod = "auto",
+) -> Plan:
     """Detect SegQuant patterns in ``model`` from one forward with ``example_args``/``example_kwargs``.
 
     Returns one :class:`LayerPlan` per ``nn.Linear`` (``named_modules`` order) for which ``include(name)`` is true

@@ -98,9 +98,16 @@ class Graph:
         self.values[vid] = Value(vid, shape, producer, index)
         return vid
 
-    def add_node(self, op: str, overload: str, args: dict[str, Any], inputs: Sequence[int],
-                 out_shapes: Sequence[tuple[int, ...] | None], module: str | None = None,
-                 scope: str = "") -> OpNode:
+    def add_node(
+        self,
+        op: str,
+        overload: str,
+        args: dict[str, Any],
+        inputs: Sequence[int],
+        out_shapes: Sequence[tuple[int, ...] | None],
+        module: str | None = None,
+        scope: str = "",
+    ) -> OpNode:
         idx = len(self.nodes)
         outs = tuple(self.new_value(s, idx, i) for i, s in enumerate(out_shapes))
         node = OpNode(idx, op, overload, args, tuple(inputs), outs, module, scope)
@@ -132,8 +139,9 @@ def _op_name(func: torch._ops.OpOverload) -> tuple[str, str]:
     return name, func._overloadname
 
 
-def _normalize_args(func: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any],
-                    convert: Any) -> dict[str, Any]:
+def _normalize_args(
+    func: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any], convert: Any
+) -> dict[str, Any]:
     """Map positional + keyword arguments onto the schema's names, filling defaults (so ``dim`` is always there)."""
     out: dict[str, Any] = {}
     for i, arg in enumerate(func._schema.arguments):
@@ -231,8 +239,11 @@ def capture_export(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str,
                 raise CaptureError(f"exported graph contains a higher-order op ({target}); its body is opaque")
             meta_val = node.meta.get("val")
             multi = isinstance(meta_val, (list, tuple))
-            out_shapes = [_static_shape(v) for v in meta_val] if multi else (
-                [_static_shape(meta_val)] if isinstance(meta_val, torch.Tensor) else [])
+            out_shapes = (
+                [_static_shape(v) for v in meta_val]
+                if multi
+                else ([_static_shape(meta_val)] if isinstance(meta_val, torch.Tensor) else [])
+            )
             if isinstance(target, torch._ops.OpOverload):
                 op, overload = _op_name(target)
                 norm = _normalize_args(target, node.args, node.kwargs, convert)
@@ -285,8 +296,9 @@ class _Recorder(TorchDispatchMode):
             return type(val)(self._convert(v) for v in val)
         return val
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
-                           kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.suspended or not isinstance(func, torch._ops.OpOverload):
@@ -320,8 +332,14 @@ def capture_dispatch(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
         if rec.suspended or not isinstance(output, torch.Tensor):
             return
         ins = [x_vid] if x_vid >= 0 else []
-        node = graph.add_node("linear", "", {"input": Ref(x_vid) if x_vid >= 0 else None}, ins,
-                              [_static_shape(output)], module=by_id[id(mod)])
+        node = graph.add_node(
+            "linear",
+            "",
+            {"input": Ref(x_vid) if x_vid >= 0 else None},
+            ins,
+            [_static_shape(output)],
+            module=by_id[id(mod)],
+        )
         rec.bind(output, node.outputs[0])
 
     handles = []
@@ -339,8 +357,12 @@ def capture_dispatch(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[st
 
 
 # ------------------------------------------------------------------------------------------------------------
-def capture(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None,
-            method: CaptureMethod = "auto") -> Graph:
+def capture(
+    model: nn.Module,
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    method: CaptureMethod = "auto",
+) -> Graph:
     """Capture ``model(*args, **kwargs)`` as a :class:`Graph`.
 
     ``method="auto"`` tries ``torch.export`` (no compute, symbolic inputs) and falls back to the dispatch
@@ -357,13 +379,25 @@ def capture(model: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, A
                 if method == "export":
                     raise CaptureError(f"torch.export failed on {type(model).__name__}: {exc}") from exc
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                logger.warning("torch.export failed on %s (%s: %s); falling back to dispatch-level capture",
-                               type(model).__name__, type(exc).__name__, first[:200])
+                logger.warning(
+                    "torch.export failed on %s (%s: %s); falling back to dispatch-level capture",
+                    type(model).__name__,
+                    type(exc).__name__,
+                    first[:200],
+                )
             else:
-                logger.info("captured %s with torch.export (non-strict): %d ops, %d linear calls",
-                            type(model).__name__, len(graph.nodes), len(graph.linear_calls()))
+                logger.info(
+                    "captured %s with torch.export (non-strict): %d ops, %d linear calls",
+                    type(model).__name__,
+                    len(graph.nodes),
+                    len(graph.linear_calls()),
+                )
                 return graph
         graph = capture_dispatch(model, args, kwargs)
-        logger.info("captured %s with dispatch-level recording: %d ops, %d linear calls",
-                    type(model).__name__, len(graph.nodes), len(graph.linear_calls()))
+        logger.info(
+            "captured %s with dispatch-level recording: %d ops, %d linear calls",
+            type(model).__name__,
+            len(graph.nodes),
+            len(graph.linear_calls()),
+        )
         return graph

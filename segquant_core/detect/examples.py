@@ -38,8 +38,9 @@ def _size(value: int | None, default: int, multiple: int, what: str, cls: str) -
     return size
 
 
-def example_inputs_for(model: nn.Module, batch: int = 2, height: int | None = None,
-                       width: int | None = None) -> dict[str, Any]:
+def example_inputs_for(
+    model: nn.Module, batch: int = 2, height: int | None = None, width: int | None = None
+) -> dict[str, Any]:
     """Valid dummy keyword arguments for one forward of ``model``, read from ``model.config``.
 
     Supports ``SD3Transformer2DModel`` (SD3 / SD3.5), ``FluxTransformer2DModel``, ``PixArtTransformer2DModel`` and
@@ -53,7 +54,8 @@ def example_inputs_for(model: nn.Module, batch: int = 2, height: int | None = No
     if family is None or cfg is None:
         raise ValueError(
             f"example_inputs_for does not know how to call {cls} (supported: {', '.join(_SUPPORTED)}); "
-            "pass example_kwargs (the keyword arguments of one real forward) to detect() instead")
+            "pass example_kwargs (the keyword arguments of one real forward) to detect() instead"
+        )
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     dtype, device = _dtype_device(model)
@@ -108,8 +110,10 @@ def example_inputs_for(model: nn.Module, batch: int = 2, height: int | None = No
         w = _size(width, 4 * p, p, "width", cls)
         text_dim = cfg.caption_channels or cfg.cross_attention_dim
         if getattr(model, "use_additional_conditions", False):
-            added = {"resolution": torch.tensor([[h * 8.0, w * 8.0]] * batch, device=device, dtype=dtype),
-                     "aspect_ratio": torch.tensor([[h / w]] * batch, device=device, dtype=dtype)}
+            added = {
+                "resolution": torch.tensor([[h * 8.0, w * 8.0]] * batch, device=device, dtype=dtype),
+                "aspect_ratio": torch.tensor([[h / w]] * batch, device=device, dtype=dtype),
+            }
         else:
             added = {"resolution": None, "aspect_ratio": None}
         return {
@@ -125,16 +129,22 @@ def example_inputs_for(model: nn.Module, batch: int = 2, height: int | None = No
     h = _size(height, 2 * factor, factor, "height", cls)
     w = _size(width, 2 * factor, factor, "width", cls)
     if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
-        raise ValueError(f"{cls} with class embeddings (class_embed_type={cfg.class_embed_type!r}) needs "
-                         "class_labels; pass example_kwargs to detect() instead")
+        raise ValueError(
+            f"{cls} with class embeddings (class_embed_type={cfg.class_embed_type!r}) needs "
+            "class_labels; pass example_kwargs to detect() instead"
+        )
     if cfg.encoder_hid_dim_type not in (None, "text_proj"):
-        raise ValueError(f"{cls} with encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} is not supported by "
-                         "example_inputs_for; pass example_kwargs to detect() instead")
+        raise ValueError(
+            f"{cls} with encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} is not supported by "
+            "example_inputs_for; pass example_kwargs to detect() instead"
+        )
     cross = cfg.encoder_hid_dim if cfg.encoder_hid_dim_type == "text_proj" else cfg.cross_attention_dim
     if isinstance(cross, (list, tuple)):
         if len(set(cross)) != 1:
-            raise ValueError(f"{cls} with per-block cross_attention_dim={tuple(cross)} is not supported by "
-                             "example_inputs_for; pass example_kwargs to detect() instead")
+            raise ValueError(
+                f"{cls} with per-block cross_attention_dim={tuple(cross)} is not supported by "
+                "example_inputs_for; pass example_kwargs to detect() instead"
+            )
         cross = cross[0]
     kwargs = {
         "sample": randn(batch, int(cfg.in_channels), h, w),
@@ -146,12 +156,17 @@ def example_inputs_for(model: nn.Module, batch: int = 2, height: int | None = No
         n_time = 6
         text_dim = int(cfg.projection_class_embeddings_input_dim) - n_time * int(cfg.addition_time_embed_dim)
         if text_dim <= 0:
-            raise ValueError(f"{cls}: projection_class_embeddings_input_dim is too small for 6 time ids; "
-                             "pass example_kwargs to detect() instead")
-        kwargs["added_cond_kwargs"] = {"text_embeds": randn(batch, text_dim),
-                                       "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch,
-                                                                device=device, dtype=dtype)}
+            raise ValueError(
+                f"{cls}: projection_class_embeddings_input_dim is too small for 6 time ids; "
+                "pass example_kwargs to detect() instead"
+            )
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": randn(batch, text_dim),
+            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch, device=device, dtype=dtype),
+        }
     elif cfg.addition_embed_type not in (None, "text"):
-        raise ValueError(f"{cls} with addition_embed_type={cfg.addition_embed_type!r} is not supported by "
-                         "example_inputs_for; pass example_kwargs to detect() instead")
+        raise ValueError(
+            f"{cls} with addition_embed_type={cfg.addition_embed_type!r} is not supported by "
+            "example_inputs_for; pass example_kwargs to detect() instead"
+        )
     return kwargs

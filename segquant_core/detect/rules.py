@@ -63,31 +63,79 @@ from segquant_core.detect.capture import Graph, OpNode, Ref
 from segquant_core.detect.plan import LayerPlan, Segments
 
 #: Same shape, same values (up to dtype): crossed in every direction.
-PASS_OPS = frozenset({
-    "aten.to", "aten._to_copy", "aten.clone", "aten.contiguous", "aten.dropout", "aten.feature_dropout",
-    "aten.alpha_dropout", "aten.feature_alpha_dropout", "aten.alias", "aten.detach", "aten.lift_fresh",
-    "aten.lift_fresh_copy", "aten.type_as", "aten.positive",
-})
+PASS_OPS = frozenset(
+    {
+        "aten.to",
+        "aten._to_copy",
+        "aten.clone",
+        "aten.contiguous",
+        "aten.dropout",
+        "aten.feature_dropout",
+        "aten.alpha_dropout",
+        "aten.feature_alpha_dropout",
+        "aten.alias",
+        "aten.detach",
+        "aten.lift_fresh",
+        "aten.lift_fresh_copy",
+        "aten.type_as",
+        "aten.positive",
+    }
+)
 #: Views judged from input/output shapes.
-RESHAPE_OPS = frozenset({
-    "aten.view", "aten.reshape", "aten._unsafe_view", "aten._reshape_alias", "aten.view_copy", "aten.flatten",
-    "aten.unflatten", "aten.squeeze", "aten.unsqueeze", "aten.view_as", "aten.reshape_as",
-})
+RESHAPE_OPS = frozenset(
+    {
+        "aten.view",
+        "aten.reshape",
+        "aten._unsafe_view",
+        "aten._reshape_alias",
+        "aten.view_copy",
+        "aten.flatten",
+        "aten.unflatten",
+        "aten.squeeze",
+        "aten.unsqueeze",
+        "aten.view_as",
+        "aten.reshape_as",
+    }
+)
 #: Views whose merge of the last two dims is a per-head merge (squeeze/unsqueeze never merge).
-MERGE_OPS = frozenset({
-    "aten.view", "aten.reshape", "aten._unsafe_view", "aten._reshape_alias", "aten.view_copy", "aten.flatten",
-})
+MERGE_OPS = frozenset(
+    {
+        "aten.view",
+        "aten.reshape",
+        "aten._unsafe_view",
+        "aten._reshape_alias",
+        "aten.view_copy",
+        "aten.flatten",
+    }
+)
 LAYOUT_OPS = frozenset({"aten.transpose", "aten.permute", "aten.t", "aten.swapaxes", "aten.swapdims"})
 INDEX_OPS = frozenset({"aten.slice", "aten.select", "aten.narrow"})
-SPLIT_OPS = frozenset({
-    "aten.chunk", "aten.split", "aten.split_with_sizes", "aten.unbind", "aten.tensor_split", "aten.unsafe_chunk",
-    "aten.unsafe_split", "aten.unsafe_split_with_sizes",
-})
+SPLIT_OPS = frozenset(
+    {
+        "aten.chunk",
+        "aten.split",
+        "aten.split_with_sizes",
+        "aten.unbind",
+        "aten.tensor_split",
+        "aten.unsafe_chunk",
+        "aten.unsafe_split",
+        "aten.unsafe_split_with_sizes",
+    }
+)
 CONCAT_OPS = frozenset({"aten.cat", "aten.concat", "aten.concatenate"})
 STACK_OPS = frozenset({"aten.stack"})
-ARITH_OPS = frozenset({
-    "aten.add", "aten.sub", "aten.mul", "aten.div", "aten.add_", "aten.sub_", "aten.mul_", "aten.div_",
-})
+ARITH_OPS = frozenset(
+    {
+        "aten.add",
+        "aten.sub",
+        "aten.mul",
+        "aten.div",
+        "aten.add_",
+        "aten.sub_",
+        "aten.mul_",
+        "aten.div_",
+    }
+)
 GATE_OPS = frozenset({"aten.mul", "aten.mul_"})
 ACTIVATION_OPS = frozenset({"aten.silu", "aten.silu_", "aten.gelu", "aten.gelu_"})
 #: Crossed by the DualScale walk: anything that only moves or selects values.
@@ -207,8 +255,15 @@ def out_matches(graph: Graph, call: OpNode) -> list[Match]:
     return found
 
 
-def _step_forward(graph: Graph, node: OpNode, vid: int, cur: tuple[int, ...], feat: tuple[int, ...],
-                  path: tuple[str, ...], found: list[Match]) -> list[tuple[int, tuple[int, ...], tuple[str, ...]]]:
+def _step_forward(
+    graph: Graph,
+    node: OpNode,
+    vid: int,
+    cur: tuple[int, ...],
+    feat: tuple[int, ...],
+    path: tuple[str, ...],
+    found: list[Match],
+) -> list[tuple[int, tuple[int, ...], tuple[str, ...]]]:
     op, ndim, nf = node.op, len(cur), len(feat)
     total = math.prod(feat)
     first_feat = ndim - nf
@@ -250,8 +305,13 @@ def _step_forward(graph: Graph, node: OpNode, vid: int, cur: tuple[int, ...], fe
         if len(sizes) > 1 and sum(sizes) == total:
             verb = _SPLIT_VERB.get(op, "split")
             where = "the last dim" if nf == 1 else f"dim {d - ndim} of a {tuple(cur[first_feat:])} view"
-            found.append(Match(tuple(sizes), f"output {verb} into {len(sizes)} along {where} "
-                                             f"({_fmt_dim(node.args.get('dim'))}, {op}){_path_text(path)}"))
+            found.append(
+                Match(
+                    tuple(sizes),
+                    f"output {verb} into {len(sizes)} along {where} "
+                    f"({_fmt_dim(node.args.get('dim'))}, {op}){_path_text(path)}",
+                )
+            )
         return []
     return []
 
@@ -301,8 +361,7 @@ def _head_merge(graph: Graph, node: OpNode, vid: int) -> tuple[int, int] | None:
     if not in_shape or not out_shape or len(in_shape) < 2:
         return None
     heads, dim = in_shape[-2], in_shape[-1]
-    if heads > 1 and dim > 1 and out_shape[-1] == heads * dim and \
-            math.prod(in_shape[:-2]) == math.prod(out_shape[:-1]):
+    if heads > 1 and dim > 1 and out_shape[-1] == heads * dim and math.prod(in_shape[:-2]) == math.prod(out_shape[:-1]):
         return heads, dim
     return None
 
@@ -326,8 +385,12 @@ def in_match(graph: Graph, call: OpNode) -> Match | None:
         if d != ndim - 1 or len(parts) < 2:
             return None
         if node.op in STACK_OPS:
-            return Match((1,) * len(parts), f"input is a stack of {len(parts)} along the last dim "
-                                            f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}", tuple(parts))
+            return Match(
+                (1,) * len(parts),
+                f"input is a stack of {len(parts)} along the last dim "
+                f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}",
+                tuple(parts),
+            )
         shapes = [graph.shape(p) for p in parts]
         if any(not s for s in shapes):
             return None
@@ -341,8 +404,10 @@ def in_match(graph: Graph, call: OpNode) -> Match | None:
             hd = _head_merge(graph, inner, ivid) if inner is not None else None
             if hd:
                 notes.append(f"part {i} is itself a per-head reshape {hd[0]}×{hd[1]} (not refined)")
-        text = (f"input is a cat of {len(sizes)} parts {list(sizes)} along the last dim "
-                f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}")
+        text = (
+            f"input is a cat of {len(sizes)} parts {list(sizes)} along the last dim "
+            f"({_fmt_dim(node.args.get('dim'))}, {node.op}){via}"
+        )
         return Match(sizes, "; ".join([text, *notes]), tuple(p for p, _ in kept))
     hd = _head_merge(graph, node, vid)
     if hd:
@@ -393,8 +458,11 @@ def _activation_source(graph: Graph, vid: int, allow_gate: bool = True) -> tuple
         return f"input from {_act_name(node)} ({node.op}){via}", None
     if allow_gate and node.op in GATE_OPS:
         if not isinstance(node.args.get("other"), Ref):  # act(x) * constant: still one-signed-heavy
-            inner, _ = _activation_source(graph, node.args["self"].vid, allow_gate=False) \
-                if isinstance(node.args.get("self"), Ref) else (None, None)
+            inner, _ = (
+                _activation_source(graph, node.args["self"].vid, allow_gate=False)
+                if isinstance(node.args.get("self"), Ref)
+                else (None, None)
+            )
             return (f"{inner}, scaled by a constant ({node.op}){via}" if inner else None), None
         for name in ("self", "other"):
             operand = node.args.get(name)
@@ -402,8 +470,10 @@ def _activation_source(graph: Graph, vid: int, allow_gate: bool = True) -> tuple
                 continue
             src, _ = _walk_back_values(graph, operand.vid)
             if src is not None and src.op in ACTIVATION_OPS:
-                return (f"input from a GEGLU-style gated product x * {_act_name(src)} of the gate "
-                        f"({node.op}){via}", None)
+                return (
+                    f"input from a GEGLU-style gated product x * {_act_name(src)} of the gate ({node.op}){via}",
+                    None,
+                )
         return None, None
     if node.op in CONCAT_OPS:
         parts = [p.vid for p in node.args.get("tensors") or () if isinstance(p, Ref)]
@@ -412,8 +482,9 @@ def _activation_source(graph: Graph, vid: int, allow_gate: bool = True) -> tuple
         if parts and len(hits) == len(parts):
             return f"input is a cat of {len(parts)} activation outputs ({node.op}){via}", None
         if hits:
-            return None, (f"only part(s) {hits} of the input cat come from SiLU/GELU; "
-                          "DualScale not applied to a mixed input")
+            return None, (
+                f"only part(s) {hits} of the input cat come from SiLU/GELU; DualScale not applied to a mixed input"
+            )
     return None, None
 
 
@@ -467,20 +538,22 @@ def plan_layer(name: str, module: nn.Linear, graph: Graph, calls: list[OpNode]) 
         matches = out_matches(graph, call)
         sizes = list(dict.fromkeys(m.sizes for m in matches))
         if len(sizes) > 1:  # two consumers of the same output split it differently
-            reasons.append("consumers of one output split it differently "
-                           f"({', '.join(map(str, map(list, sizes)))}); output segmentation dropped")
+            reasons.append(
+                "consumers of one output split it differently "
+                f"({', '.join(map(str, map(list, sizes)))}); output segmentation dropped"
+            )
             conflict = True
         out_per_call.append(matches[0] if len(sizes) == 1 else None)
     out, out_reasons = (None, []) if conflict else _agree(out_per_call, "output", len(calls))
     inp, in_reasons = _agree([in_match(graph, c) for c in calls], "input", len(calls))
 
     if out is not None and sum(out.sizes) != module.out_features:
-        out_reasons = [f"output split sizes {list(out.sizes)} do not add up to out_features="
-                       f"{module.out_features}; ignored"]
+        out_reasons = [
+            f"output split sizes {list(out.sizes)} do not add up to out_features={module.out_features}; ignored"
+        ]
         out = None
     if inp is not None and sum(inp.sizes) != module.in_features:
-        in_reasons = [f"input part sizes {list(inp.sizes)} do not add up to in_features="
-                      f"{module.in_features}; ignored"]
+        in_reasons = [f"input part sizes {list(inp.sizes)} do not add up to in_features={module.in_features}; ignored"]
         inp = None
 
     segments: Segments | None = None
@@ -508,8 +581,9 @@ def plan_layer(name: str, module: nn.Linear, graph: Graph, calls: list[OpNode]) 
         reasons.append(f"{dual_hits[0].reason} in only {len(dual_hits)} of {len(calls)} calls; DualScale not applied")
     elif per_part is not None:
         dual, why = per_part
-        reasons.append(f"DualScale on in-segment(s) {[i for i, d in enumerate(dual) if d]} only: "
-                       f"{'; '.join(why)}{suffix}")
+        reasons.append(
+            f"DualScale on in-segment(s) {[i for i, d in enumerate(dual) if d]} only: {'; '.join(why)}{suffix}"
+        )
     for d in duals:
         for note in d.notes:
             if note not in reasons and per_part is None:
@@ -517,8 +591,9 @@ def plan_layer(name: str, module: nn.Linear, graph: Graph, calls: list[OpNode]) 
     return LayerPlan(name, segments, dual, tuple(reasons))
 
 
-def _per_segment_dual(graph: Graph, calls: list[OpNode],
-                      segments: Segments | None) -> tuple[tuple[bool, ...], list[str]] | None:
+def _per_segment_dual(
+    graph: Graph, calls: list[OpNode], segments: Segments | None
+) -> tuple[tuple[bool, ...], list[str]] | None:
     """Mixed per-in-segment DualScale flags when every call's input is the same cat of parts, some from an
     activation and some not; ``None`` otherwise."""
     if segments is None or segments.axis != "in":
@@ -536,8 +611,7 @@ def _per_segment_dual(graph: Graph, calls: list[OpNode],
     return (mask, found[0][1]) if any(mask) and not all(mask) else None
 
 
-def plan_from_graph(model: nn.Module, graph: Graph,
-                    include: Callable[[str], bool] | None = None) -> list[LayerPlan]:
+def plan_from_graph(model: nn.Module, graph: Graph, include: Callable[[str], bool] | None = None) -> list[LayerPlan]:
     """One record per ``nn.Linear`` of ``model`` (``named_modules`` order), filtered by ``include``."""
     calls: dict[str, list[OpNode]] = {}
     for node in graph.linear_calls():

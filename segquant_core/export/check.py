@@ -77,8 +77,16 @@ def _first(out: Any) -> torch.Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def check_onnx(model: nn.Module, example_kwargs: dict[str, Any], onnx_path: str | Path, *, rounds: int = 5,
-               tolerance: float = DEFAULT_TOLERANCE, threads: int | None = None, backend: str = "auto") -> CheckReport:
+def check_onnx(
+    model: nn.Module,
+    example_kwargs: dict[str, Any],
+    onnx_path: str | Path,
+    *,
+    rounds: int = 5,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int | None = None,
+    backend: str = "auto",
+) -> CheckReport:
     """Compare the ONNX graph at ``onnx_path`` with ``model`` (quantized, SegLinear layers) on ``example_kwargs``.
 
     ``threads`` defaults to torch's intra-op thread count, used for both sides. The model's backends are
@@ -139,11 +147,18 @@ def check_onnx(model: nn.Module, example_kwargs: dict[str, Any], onnx_path: str 
             if b is not None:
                 m.set_backend(b)
     return CheckReport(
-        rel_error=rel_error(y_ort, y_ref), rel_error_vs_backend=rel_error(y_ort, y_backend),
-        backend_vs_reference=rel_error(y_backend, y_ref), tolerance=tolerance,
-        ort_ms=statistics.median(ort_times) * 1e3, backend_ms=statistics.median(backend_times) * 1e3,
-        rounds=rounds, threads=threads, backends=tally, ort_version=ort.__version__,
-        provider="CPUExecutionProvider")
+        rel_error=rel_error(y_ort, y_ref),
+        rel_error_vs_backend=rel_error(y_ort, y_backend),
+        backend_vs_reference=rel_error(y_backend, y_ref),
+        tolerance=tolerance,
+        ort_ms=statistics.median(ort_times) * 1e3,
+        backend_ms=statistics.median(backend_times) * 1e3,
+        rounds=rounds,
+        threads=threads,
+        backends=tally,
+        ort_version=ort.__version__,
+        provider="CPUExecutionProvider",
+    )
 
 
 __all__ = ["DEFAULT_TOLERANCE", "CheckReport", "check_onnx", "ort_session", "rel_error"]

@@ -110,12 +110,19 @@ class ExportResult:
     seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"path": str(self.path), "opset": self.opset, "exporter": self.exporter,
-                "quantized_layers": len(self.layers), "inputs": self.input_names,
-                "QuantizeLinear": self.node_counts.get("QuantizeLinear", 0),
-                "DequantizeLinear": self.node_counts.get("DequantizeLinear", 0),
-                "MatMul": self.node_counts.get("MatMul", 0), "bytes": self.bytes,
-                "seconds": round(self.seconds, 2), "notes": self.notes}
+        return {
+            "path": str(self.path),
+            "opset": self.opset,
+            "exporter": self.exporter,
+            "quantized_layers": len(self.layers),
+            "inputs": self.input_names,
+            "QuantizeLinear": self.node_counts.get("QuantizeLinear", 0),
+            "DequantizeLinear": self.node_counts.get("DequantizeLinear", 0),
+            "MatMul": self.node_counts.get("MatMul", 0),
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 2),
+            "notes": self.notes,
+        }
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -223,13 +230,22 @@ def _register_marker_schema() -> None:
     if onnx.defs.has(MARKER_OP, MARKER_DOMAIN):
         return
     s = onnx.defs.OpSchema
-    onnx.defs.register_schema(s(
-        MARKER_OP, MARKER_DOMAIN, 1,
-        inputs=[s.FormalParameter("X", "T")], outputs=[s.FormalParameter("Y", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"],
-                           "float types")],
-        attributes=[s.Attribute("layer", s.AttrType.INT, "stub index"),
-                    s.Attribute("out_features", s.AttrType.INT, "N")]))
+    onnx.defs.register_schema(
+        s(
+            MARKER_OP,
+            MARKER_DOMAIN,
+            1,
+            inputs=[s.FormalParameter("X", "T")],
+            outputs=[s.FormalParameter("Y", "T")],
+            type_constraints=[
+                ("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"], "float types")
+            ],
+            attributes=[
+                s.Attribute("layer", s.AttrType.INT, "stub index"),
+                s.Attribute("out_features", s.AttrType.INT, "N"),
+            ],
+        )
+    )
 
 
 def _dynamo_translations() -> dict[Any, Any]:
@@ -281,8 +297,7 @@ def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: 
         eps_value = float(torch.finfo(torch.float32).eps)
     square = g.op("Mul", x, x)
     if g.opset >= 18:
-        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.long)),
-                    keepdims_i=1)
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes, dtype=torch.long)), keepdims_i=1)
     else:
         mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
     denom = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
@@ -292,8 +307,9 @@ def _rms_norm_symbolic(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: 
     return out
 
 
-def _export_float(wrapper: FlatInputs, args: tuple[torch.Tensor, ...], names: list[str], opset: int,
-                  exporter: str) -> onnx.ModelProto:
+def _export_float(
+    wrapper: FlatInputs, args: tuple[torch.Tensor, ...], names: list[str], opset: int, exporter: str
+) -> onnx.ModelProto:
     """The float graph with one placeholder node per SegLinear call."""
     chatty = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = chatty.level
@@ -304,14 +320,24 @@ def _export_float(wrapper: FlatInputs, args: tuple[torch.Tensor, ...], names: li
         chatty.setLevel(level)
 
 
-def _export_float_quiet(wrapper: FlatInputs, args: tuple[torch.Tensor, ...], names: list[str], opset: int,
-                        exporter: str) -> onnx.ModelProto:
+def _export_float_quiet(
+    wrapper: FlatInputs, args: tuple[torch.Tensor, ...], names: list[str], opset: int, exporter: str
+) -> onnx.ModelProto:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations, tracer warnings)
         if exporter == "dynamo":
-            prog = torch.onnx.export(wrapper, args, None, dynamo=True, opset_version=opset, input_names=names,
-                                     output_names=[OUTPUT_NAME], custom_translation_table=_dynamo_translations(),
-                                     verbose=False, optimize=True)
+            prog = torch.onnx.export(
+                wrapper,
+                args,
+                None,
+                dynamo=True,
+                opset_version=opset,
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                custom_translation_table=_dynamo_translations(),
+                verbose=False,
+                optimize=True,
+            )
             assert prog is not None
             return prog.model_proto
         from torch.onnx import register_custom_op_symbolic
@@ -319,8 +345,17 @@ def _export_float_quiet(wrapper: FlatInputs, args: tuple[torch.Tensor, ...], nam
         register_custom_op_symbolic("segquant_export::seglinear", _torchscript_symbolic, 9)
         register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, 9)
         buf = io.BytesIO()
-        torch.onnx.export(wrapper, args, buf, dynamo=False, opset_version=opset, input_names=names,
-                          output_names=[OUTPUT_NAME], custom_opsets={MARKER_DOMAIN: 1}, do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            args,
+            buf,
+            dynamo=False,
+            opset_version=opset,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            custom_opsets={MARKER_DOMAIN: 1},
+            do_constant_folding=True,
+        )
         return onnx.load_from_string(buf.getvalue())
 
 
@@ -332,8 +367,9 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def replace_placeholders(model_proto: onnx.ModelProto, layers: dict[str, SegLinear], index: dict[int, str],
-                         opset: int) -> dict[str, LayerQDQ]:
+def replace_placeholders(
+    model_proto: onnx.ModelProto, layers: dict[str, SegLinear], index: dict[int, str], opset: int
+) -> dict[str, LayerQDQ]:
     """Swap every placeholder node for its layer's QDQ subgraph (in place, keeping topological order)."""
     graph = model_proto.graph
     parts = GraphParts(_all_names(graph))
@@ -347,8 +383,9 @@ def replace_placeholders(model_proto: onnx.ModelProto, layers: dict[str, SegLine
         name = index[int(attrs["layer"])]
         prev = reports.get(name)
         start = len(parts.nodes)
-        rep = emit_seglinear(parts, layers[name], name, node.input[0], node.output[0], opset,
-                             call=prev.calls if prev else 0)
+        rep = emit_seglinear(
+            parts, layers[name], name, node.input[0], node.output[0], opset, call=prev.calls if prev else 0
+        )
         if prev is not None:  # a layer called more than once: accumulate its counts
             for k in ("quantize_linear", "act_dequantize", "weight_dequantize", "matmuls"):
                 setattr(prev, k, getattr(prev, k) + getattr(rep, k))
@@ -385,8 +422,14 @@ def save_atomic(model_proto: onnx.ModelProto, path: Path, check: bool = True) ->
     try:
         target = tmpdir / path.name
         if large:  # the model names its data file relatively: give it the final name up front
-            onnx.save_model(model_proto, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model_proto,
+                str(target),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model_proto, str(target))
         if check:
@@ -402,8 +445,16 @@ def save_atomic(model_proto: onnx.ModelProto, path: Path, check: bool = True) ->
 
 
 # ------------------------------------------------------------------------------------------ entry point
-def export_onnx(model: nn.Module, example_kwargs: dict[str, Any], path: str | Path, *, opset: int | None = None,
-                exporter: str = "dynamo", allow_dynamic: bool = False, check: bool = True) -> ExportResult:
+def export_onnx(
+    model: nn.Module,
+    example_kwargs: dict[str, Any],
+    path: str | Path,
+    *,
+    opset: int | None = None,
+    exporter: str = "dynamo",
+    allow_dynamic: bool = False,
+    check: bool = True,
+) -> ExportResult:
     """Export quantized ``model`` (called as ``model(**example_kwargs)``) as an ONNX QDQ graph at ``path``.
 
     ``opset`` defaults to the lowest that expresses every layer natively (18; 19 with fp8; 21 with int4).
@@ -426,8 +477,10 @@ def export_onnx(model: nn.Module, example_kwargs: dict[str, Any], path: str | Pa
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:
         # our Q/DQ scales, smoothing vectors and low-rank pairs are fp32 initializers; ONNX does not mix types
-        raise ValueError(f"export a float32 model (this one has {sorted(str(d) for d in dtypes)}); TensorRT and "
-                         "ONNX Runtime lower the float parts to fp16 themselves")
+        raise ValueError(
+            f"export a float32 model (this one has {sorted(str(d) for d in dtypes)}); TensorRT and "
+            "ONNX Runtime lower the float parts to fp16 themselves"
+        )
     wrapper = FlatInputs(model, example_kwargs).eval()
     names, tensors = flatten_inputs(example_kwargs)
     was_training = model.training
@@ -440,19 +493,39 @@ def export_onnx(model: nn.Module, example_kwargs: dict[str, Any], path: str | Pa
     reports = replace_placeholders(proto, layers, index, opset)
     missing = sorted(set(layers) - set(reports))
     if missing:
-        notes.append(f"{len(missing)} SegLinear layer(s) not called by this forward, so not in the graph: "
-                     + ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""))
+        notes.append(
+            f"{len(missing)} SegLinear layer(s) not called by this forward, so not in the graph: "
+            + ", ".join(missing[:5])
+            + (" …" if len(missing) > 5 else "")
+        )
     proto.producer_name = "segquant"
     counts: dict[str, int] = {}
     for n in proto.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     size = save_atomic(proto, path, check=check)
-    result = ExportResult(path=path, opset=opset, exporter=exporter, input_names=names,
-                          output_names=[o.name for o in proto.graph.output], layers=reports, node_counts=counts,
-                          notes=notes, bytes=size, seconds=time.perf_counter() - start)
+    result = ExportResult(
+        path=path,
+        opset=opset,
+        exporter=exporter,
+        input_names=names,
+        output_names=[o.name for o in proto.graph.output],
+        layers=reports,
+        node_counts=counts,
+        notes=notes,
+        bytes=size,
+        seconds=time.perf_counter() - start,
+    )
     logger.info("exported %s → %s: %s", type(model).__name__, path, result.summary())
     return result
 
 
-__all__ = ["EXPORTERS", "ExportResult", "FlatInputs", "QDQExportError", "export_onnx", "flatten_inputs",
-           "replace_placeholders", "seglinears"]
+__all__ = [
+    "EXPORTERS",
+    "ExportResult",
+    "FlatInputs",
+    "QDQExportError",
+    "export_onnx",
+    "flatten_inputs",
+    "replace_placeholders",
+    "seglinears",
+]

@@ -42,8 +42,11 @@ MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
 FP8_OPSET = 19  # FLOAT8E4M3FN in Q/DQ
 INT4_OPSET = 21  # INT4 in Q/DQ
 
-_ELEM = {QuantFormat.INT8: TensorProto.INT8, QuantFormat.INT4: TensorProto.INT4,
-         QuantFormat.FP8_E4M3: TensorProto.FLOAT8E4M3FN}
+_ELEM = {
+    QuantFormat.INT8: TensorProto.INT8,
+    QuantFormat.INT4: TensorProto.INT4,
+    QuantFormat.FP8_E4M3: TensorProto.FLOAT8E4M3FN,
+}
 
 
 class QDQExportError(ValueError):
@@ -121,16 +124,17 @@ def check_expressible(layer: SegLinear, name: str, opset: int, allow_dynamic: bo
     if act is not None and act.dynamic and not allow_dynamic:
         per = "per token" if act.granularity is Granularity.TOKEN else "per tensor"
         raise QDQExportError(
-            name, f"its activations are quantized dynamically ({per}, recomputed at every call). ONNX "
+            name,
+            f"its activations are quantized dynamically ({per}, recomputed at every call). ONNX "
             "QuantizeLinear has no such quantizer (DynamicQuantizeLinear is per-tensor asymmetric uint8, "
             "not this symmetric int8 scheme), and TensorRT needs Q/DQ scales that are build-time constants. "
             "Export a recipe with static activation scales (w8a8-segquant, w8a8-smooth, fp8-segquant), or pass "
             "allow_dynamic=True / --dynamic-activations for an ONNX-Runtime-only graph that computes the "
-            "scales in-graph (ReduceMax → runtime-scale QuantizeLinear)")
+            "scales in-graph (ReduceMax → runtime-scale QuantizeLinear)",
+        )
     if act is not None and act.dynamic:
         notes.append("dynamic activation scales computed in-graph (ONNX Runtime only; TensorRT needs constant scales)")
-    for what, fmt in (("weights", cfg.weight.fmt if cfg.weight else None),
-                      ("activations", act.fmt if act else None)):
+    for what, fmt in (("weights", cfg.weight.fmt if cfg.weight else None), ("activations", act.fmt if act else None)):
         if fmt is QuantFormat.FP8_E4M3 and opset < FP8_OPSET:
             raise QDQExportError(name, f"fp8 {what} need opset ≥ {FP8_OPSET} (FLOAT8E4M3FN Q/DQ), got {opset}")
         if fmt is QuantFormat.INT4 and opset < INT4_OPSET:
@@ -215,8 +219,9 @@ def _weight_tensor(name: str, codes_t: torch.Tensor, fmt: QuantFormat, opset: in
     return numpy_helper.from_array(codes_t.contiguous().numpy().astype(np.int8), name)
 
 
-def _weight_dq(parts: GraphParts, layer: SegLinear, group: list[int], base: str, tag: str, node: str,
-               opset: int) -> str:
+def _weight_dq(
+    parts: GraphParts, layer: SegLinear, group: list[int], base: str, tag: str, node: str, opset: int
+) -> str:
     """``DequantizeLinear`` of the group's weight ``[K, N_g]`` (per-channel scale along axis 1)."""
     segs = [layer.segs[k] for k in group]
     if segs[0].fmt is None:  # a float SegLinear (no weight quantizer): plain initializer
@@ -241,8 +246,9 @@ def _static_qdq(parts: GraphParts, x: str, scale: float, fmt: QuantFormat, name:
     return parts.one("DequantizeLinear", [q, s, zp], f"{node}/dq")
 
 
-def _dynamic_qdq(parts: GraphParts, x: str, k: int, fmt: QuantFormat, per_token: bool, side: str,
-                 node: str, opset: int) -> str:
+def _dynamic_qdq(
+    parts: GraphParts, x: str, k: int, fmt: QuantFormat, per_token: bool, side: str, node: str, opset: int
+) -> str:
     """Scale computed in-graph like :func:`segquant_core.formats.scale_from_amax`, then runtime-scale Q/DQ."""
     denom = -fmt.qmin if side == "neg" else fmt.qmax
     src = x
@@ -250,8 +256,10 @@ def _dynamic_qdq(parts: GraphParts, x: str, k: int, fmt: QuantFormat, per_token:
         src = parts.one("Neg", [x], f"{node}/neg")
     elif side == "both":
         src = parts.one("Abs", [x], f"{node}/abs")
-    c = {n: parts.init(f"segquant.const.{n}", np.array(v, dtype=np.float32))
-         for n, v in (("denom_" + str(int(denom)), denom), ("tiny", TINY_AMAX), ("one", 1.0))}
+    c = {
+        n: parts.init(f"segquant.const.{n}", np.array(v, dtype=np.float32))
+        for n, v in (("denom_" + str(int(denom)), denom), ("tiny", TINY_AMAX), ("one", 1.0))
+    }
     if per_token:
         shape = parts.init(f"segquant.const.rows_{k}", np.array([-1, k], dtype=np.int64))
         x2 = parts.one("Reshape", [x, shape], f"{node}/rows")
@@ -269,8 +277,9 @@ def _dynamic_qdq(parts: GraphParts, x: str, k: int, fmt: QuantFormat, per_token:
     scale = parts.one("Where", [big, raw, c["one"]], f"{node}/scale")
     if per_token:
         zero_value = helper.make_tensor("value", _ELEM[fmt], [1], [0.0 if fmt is QuantFormat.FP8_E4M3 else 0])
-        zp = parts.one("ConstantOfShape", [parts.one("Shape", [scale], f"{node}/rows_shape")], f"{node}/zp",
-                       value=zero_value)
+        zp = parts.one(
+            "ConstantOfShape", [parts.one("Shape", [scale], f"{node}/rows_shape")], f"{node}/zp", value=zero_value
+        )
         q = parts.one("QuantizeLinear", [x2, scale, zp], f"{node}/q", axis=0)
         dq = parts.one("DequantizeLinear", [q, scale, zp], f"{node}/dq", axis=0)
         return parts.one("Reshape", [dq, parts.one("Shape", [x], f"{node}/shape")], f"{node}/unrows")
@@ -295,8 +304,9 @@ def _dual_split(parts: GraphParts, x: str, fmt: QuantFormat, node: str) -> tuple
     return pos, parts.one("Min", [x, zero], f"{node}/neg")
 
 
-def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: str, opset: int,
-                   call: int = 0) -> LayerQDQ:
+def emit_seglinear(
+    parts: GraphParts, layer: SegLinear, name: str, x: str, y: str, opset: int, call: int = 0
+) -> LayerQDQ:
     """Append the QDQ subgraph computing ``y = layer(x)`` to ``parts``; returns the emitted counts.
 
     ``call`` numbers repeated calls of one layer (nodes get fresh names, weights are shared).
@@ -333,21 +343,27 @@ def emit_seglinear(parts: GraphParts, layer: SegLinear, name: str, x: str, y: st
             per_token = act.granularity is Granularity.TOKEN
             if act.dual:
                 pos, neg = _dual_split(parts, xs, act.fmt, node)
-                branches = [_dynamic_qdq(parts, pos, k_in, act.fmt, per_token, "pos", f"{node}/pos", opset),
-                            _dynamic_qdq(parts, neg, k_in, act.fmt, per_token, "neg", f"{node}/neg", opset)]
+                branches = [
+                    _dynamic_qdq(parts, pos, k_in, act.fmt, per_token, "pos", f"{node}/pos", opset),
+                    _dynamic_qdq(parts, neg, k_in, act.fmt, per_token, "neg", f"{node}/neg", opset),
+                ]
             else:
                 branches = [_dynamic_qdq(parts, xs, k_in, act.fmt, per_token, "both", f"{node}/act", opset)]
         else:
             scales = first.act_scale.float().reshape(-1).tolist()
             if act.dual:
                 pos, neg = _dual_split(parts, xs, act.fmt, node)
-                branches = [_static_qdq(parts, pos, scales[0], act.fmt, f"{base}.{tag}.act_scale_pos", f"{node}/pos"),
-                            _static_qdq(parts, neg, scales[1], act.fmt, f"{base}.{tag}.act_scale_neg", f"{node}/neg")]
+                branches = [
+                    _static_qdq(parts, pos, scales[0], act.fmt, f"{base}.{tag}.act_scale_pos", f"{node}/pos"),
+                    _static_qdq(parts, neg, scales[1], act.fmt, f"{base}.{tag}.act_scale_neg", f"{node}/neg"),
+                ]
             else:
                 branches = [_static_qdq(parts, xs, scales[0], act.fmt, f"{base}.{tag}.act_scale", f"{node}/act")]
         w = _weight_dq(parts, layer, group, base, tag, node, opset)
-        prods = [parts.one("MatMul", [b, w], f"{node}/matmul" + ("" if len(branches) == 1 else f"_{p}"))
-                 for p, b in zip(("pos", "neg"), branches)]
+        prods = [
+            parts.one("MatMul", [b, w], f"{node}/matmul" + ("" if len(branches) == 1 else f"_{p}"))
+            for p, b in zip(("pos", "neg"), branches)
+        ]
         out = prods[0] if len(prods) == 1 else parts.one("Add", prods, f"{node}/dual_add")
         lowranks = []
         for k in group:

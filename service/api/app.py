@@ -54,8 +54,13 @@ def _make_queue(settings: Settings) -> JobQueue:
     if settings.redis_url:
         from service.jobs.redis_queue import RedisQueue
 
-        return RedisQueue(settings.redis_url, prefix=settings.key_prefix, result_ttl_s=q.result_ttl_s,
-                          idempotency_ttl_s=q.idempotency_ttl_s, stream_maxlen=q.stream_maxlen)
+        return RedisQueue(
+            settings.redis_url,
+            prefix=settings.key_prefix,
+            result_ttl_s=q.result_ttl_s,
+            idempotency_ttl_s=q.idempotency_ttl_s,
+            stream_maxlen=q.stream_maxlen,
+        )
     return LocalQueue(result_ttl_s=q.result_ttl_s, idempotency_ttl_s=q.idempotency_ttl_s)
 
 
@@ -93,13 +98,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = Registry.from_settings(settings)
     metrics = get_metrics()
     queue = _make_queue(settings)
-    state = AppState(settings=settings, registry=registry, queue=queue,
-                     jobs=JobService(queue, registry, settings, metrics), metrics=metrics)
+    state = AppState(
+        settings=settings,
+        registry=registry,
+        queue=queue,
+        jobs=JobService(queue, registry, settings, metrics),
+        metrics=metrics,
+    )
     app.state.segquant = state
     if settings.embedded:
         _start_worker(state)
-    logger.info("SegQuant Serve %s: %s mode, models %s", __version__,
-                "embedded" if settings.embedded else "api-only", ", ".join(registry.models))
+    logger.info(
+        "SegQuant Serve %s: %s mode, models %s",
+        __version__,
+        "embedded" if settings.embedded else "api-only",
+        ", ".join(registry.models),
+    )
     sweeper = asyncio.create_task(_sweep_unserved(state.jobs), name="segquant-unserved-sweep")
     try:
         yield

@@ -22,13 +22,19 @@ async def refuse_if_unbuilt(queue: JobQueue, registry: Registry, settings: Setti
     status = variant_status(registry, settings.cache_dir, workers, key)
     if status.state in ("not_built", "failed"):
         why = f" (its last build failed: {status.reason})" if status.state == "failed" and status.reason else ""
-        raise ApiError(409, f"variant {key} is not built{why} and model {key.model!r} builds only on request: "
-                            f"POST {build_route(key)}, then retry when GET /models shows it available",
-                       code="variant_not_built", param="variant", extra={"build": build_route(key)})
+        raise ApiError(
+            409,
+            f"variant {key} is not built{why} and model {key.model!r} builds only on request: "
+            f"POST {build_route(key)}, then retry when GET /models shows it available",
+            code="variant_not_built",
+            param="variant",
+            extra={"build": build_route(key)},
+        )
 
 
-async def build_progress(queue: JobQueue, registry: Registry, settings: Settings,
-                         key: VariantKey) -> BuildProgress | None:
+async def build_progress(
+    queue: JobQueue, registry: Registry, settings: Settings, key: VariantKey
+) -> BuildProgress | None:
     """The variant's build progress while a worker builds it (None otherwise)."""
     try:
         workers = await queue.workers()

@@ -20,19 +20,38 @@ from service.metrics import get_metrics
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 406: "invalid_request_error",
-          409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
-          504: "timeout_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    406: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
 
 
 class ApiError(Exception):
     """An error the API answers with, in the envelope; raised from routes and services."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
@@ -40,8 +59,15 @@ class ApiError(Exception):
         self.extra = extra or {}
 
 
-def envelope(status: int, message: str, *, code: str | None = None, param: str | None = None,
-             type: str | None = None, **extra: Any) -> dict[str, Any]:
+def envelope(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     err = {"message": message, "type": type or _TYPES.get(status, "server_error"), "param": param, "code": code}
     return {"error": {**err, **extra}}
 
@@ -63,8 +89,9 @@ def validation_problem(field: str, message: str, kind: str = "value_error") -> R
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message, headers=exc.headers, code=exc.code, param=exc.param,
-                          type=exc.type, **exc.extra)
+    return error_response(
+        exc.status, exc.message, headers=exc.headers, code=exc.code, param=exc.param, type=exc.type, **exc.extra
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -72,9 +99,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}; see /docs"
-    return error_response(exc.status_code, message, headers=getattr(exc, "headers", None),
-                          code={404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
-                              exc.status_code))
+    return error_response(
+        exc.status_code,
+        message,
+        headers=getattr(exc, "headers", None),
+        code={404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code),
+    )
 
 
 async def validation_error_response(request: Request, exc: Exception) -> JSONResponse:

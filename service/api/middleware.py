@@ -25,9 +25,13 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
     import json
 
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -78,9 +82,12 @@ class AuthMiddleware:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() != "bearer" or not token or not self._valid(token.strip()):
             self.metrics.rejected.labels("unauthorized").inc()
-            await _send_json(send, 401, envelope(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                                 code="invalid_api_key"),
-                             [(b"www-authenticate", b'Bearer realm="segquant"')])
+            await _send_json(
+                send,
+                401,
+                envelope(401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"),
+                [(b"www-authenticate", b'Bearer realm="segquant"')],
+            )
             return
         scope.setdefault("state", {})["principal"] = hashlib.sha256(token.strip().encode()).hexdigest()[:16]
         await self.app(scope, receive, send)

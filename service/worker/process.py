@@ -46,8 +46,13 @@ async def _serve(settings: Settings) -> None:
             logger.warning("cannot serve worker metrics on port %d (%s); continuing without", port, e)
             port = None
     q = settings.queue
-    queue = RedisQueue(settings.redis_url, prefix=settings.key_prefix, result_ttl_s=q.result_ttl_s,
-                       idempotency_ttl_s=q.idempotency_ttl_s, stream_maxlen=q.stream_maxlen)
+    queue = RedisQueue(
+        settings.redis_url,
+        prefix=settings.key_prefix,
+        result_ttl_s=q.result_ttl_s,
+        idempotency_ttl_s=q.idempotency_ttl_s,
+        stream_maxlen=q.stream_maxlen,
+    )
     runner = build_runner(settings, queue, metrics_port=port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -56,10 +56,17 @@ def test_layer_bench_rows_report_ratios_errors_and_bytes():
 def test_markdown_report_has_the_command_and_one_row_per_candidate(tmp_path):
     from segquant_core.bench.report import write_markdown
 
-    rows = [{"candidate": "bf16", "median_ms": 12.0, "vs_bf16": 1.0, "weight_bytes": 4_718_592},
-            {"candidate": "segquant w8a8", "median_ms": 6.9, "vs_bf16": 1.739, "rel_err": 0.0128}]
-    path = write_markdown(tmp_path / "b.md", "bench layer", rows, ["candidate", "median_ms", "vs_bf16", "rel_err",
-                                                                   "weight_bytes"], "segquant bench layer")
+    rows = [
+        {"candidate": "bf16", "median_ms": 12.0, "vs_bf16": 1.0, "weight_bytes": 4_718_592},
+        {"candidate": "segquant w8a8", "median_ms": 6.9, "vs_bf16": 1.739, "rel_err": 0.0128},
+    ]
+    path = write_markdown(
+        tmp_path / "b.md",
+        "bench layer",
+        rows,
+        ["candidate", "median_ms", "vs_bf16", "rel_err", "weight_bytes"],
+        "segquant bench layer",
+    )
     text = path.read_text().splitlines()
     assert text[0] == "**bench layer**" and text[2] == "`segquant bench layer`"
     assert text[4] == "| candidate | median_ms | vs_bf16 | rel_err | weight_bytes |"

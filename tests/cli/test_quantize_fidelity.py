@@ -16,8 +16,24 @@ def test_quantize_writes_eval_json_next_to_the_artifact(tmp_path: Path, capsys: 
     pipe_dir = tmp_path / "tiny-mmdit"
     segquant_shapes.tiny_random_pipeline("mmdit", seed=0).save_pretrained(pipe_dir)
     out = tmp_path / "art"
-    rc = main(["quantize", str(pipe_dir), "--recipe", "w8a8-segquant", "--out", str(out), "--calib-samples", "2",
-               "--steps", "2", "--steps-per-prompt", "1", "--eval-prompts", "3"])
+    rc = main(
+        [
+            "quantize",
+            str(pipe_dir),
+            "--recipe",
+            "w8a8-segquant",
+            "--out",
+            str(out),
+            "--calib-samples",
+            "2",
+            "--steps",
+            "2",
+            "--steps-per-prompt",
+            "1",
+            "--eval-prompts",
+            "3",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     assert report["eval_prompt_count"] == 3 and report["seeds"] == [0] and report["num_inference_steps"] == 2
@@ -32,8 +48,28 @@ def test_quantize_can_skip_the_evaluation(tmp_path: Path) -> None:
     pipe_dir = tmp_path / "tiny-mmdit"
     segquant_shapes.tiny_random_pipeline("mmdit", seed=0).save_pretrained(pipe_dir)
     out = tmp_path / "art"
-    assert main(["quantize", str(pipe_dir), "--recipe", "w8a8-segquant", "--out", str(out), "--calib-samples", "1",
-                 "--steps", "1", "--steps-per-prompt", "1", "--eval-prompts", "0"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(pipe_dir),
+                "--recipe",
+                "w8a8-segquant",
+                "--out",
+                str(out),
+                "--calib-samples",
+                "1",
+                "--steps",
+                "1",
+                "--steps-per-prompt",
+                "1",
+                "--eval-prompts",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert (out / "manifest.json").is_file() and not (out / "eval.json").exists()
-    assert main(["quantize", str(pipe_dir), "--recipe", "w8a8-segquant", "--out", str(out),
-                 "--eval-prompts", "-1"]) == 2
+    assert (
+        main(["quantize", str(pipe_dir), "--recipe", "w8a8-segquant", "--out", str(out), "--eval-prompts", "-1"]) == 2
+    )

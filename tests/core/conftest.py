@@ -57,8 +57,8 @@ class AdaLNToy(nn.Module):
         self.linear = nn.Linear(d, len(chunk_scales) * d)
         with torch.no_grad():
             for k, s in enumerate(chunk_scales):
-                self.linear.weight[k * d:(k + 1) * d] *= s
-                self.linear.bias[k * d:(k + 1) * d] *= s
+                self.linear.weight[k * d : (k + 1) * d] *= s
+                self.linear.bias[k * d : (k + 1) * d] *= s
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear(F.silu(emb))
@@ -97,7 +97,7 @@ class SegToy(nn.Module):
         self.ff = nn.Linear(d, d)
         with torch.no_grad():
             self.ada.weight[:d] *= 0.1  # chunks of different magnitude
-            self.ada.weight[2 * d:] *= 3.0
+            self.ada.weight[2 * d :] *= 3.0
             self.k.weight *= 4.0  # the two concatenated parts differ in range
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -113,19 +113,23 @@ SEG_LAYERS = ("ada", "q", "k", "proj", "ff")
 
 def seg_plan(d: int = D, dual: bool = True, seg: bool = True) -> Plan:
     """Explicit plan for :class:`SegToy`: out-segments on ``ada``, ragged in-segments on ``proj``."""
-    return Plan([
-        LayerPlan("ada", Segments("out", (d, d, d)) if seg else None, dual),
-        LayerPlan("q"),
-        LayerPlan("k"),
-        LayerPlan("proj", Segments("in", (d, d // 2)) if seg else None, dual),
-        LayerPlan("ff", None, dual),
-    ])
+    return Plan(
+        [
+            LayerPlan("ada", Segments("out", (d, d, d)) if seg else None, dual),
+            LayerPlan("q"),
+            LayerPlan("k"),
+            LayerPlan("proj", Segments("in", (d, d // 2)) if seg else None, dual),
+            LayerPlan("ff", None, dual),
+        ]
+    )
 
 
 def seg_calls(n: int = 2, batch: int = 2, tokens: int = 8, d: int = D, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     g = gen(seed)
-    return [{"x": torch.randn(batch, tokens, d, generator=g), "emb": torch.randn(batch, d, generator=g) * 2}
-            for _ in range(n)]
+    return [
+        {"x": torch.randn(batch, tokens, d, generator=g), "emb": torch.randn(batch, d, generator=g) * 2}
+        for _ in range(n)
+    ]
 
 
 class SingleStreamToy(nn.Module):
@@ -169,8 +173,14 @@ class TinyPipeline:
         self.d = d
         self.calls = 0
 
-    def __call__(self, prompt: str, num_inference_steps: int = 4, generator: torch.Generator | None = None,
-                 output_type: str = "latent", **_: object) -> torch.Tensor:
+    def __call__(
+        self,
+        prompt: str,
+        num_inference_steps: int = 4,
+        generator: torch.Generator | None = None,
+        output_type: str = "latent",
+        **_: object,
+    ) -> torch.Tensor:
         self.calls += 1
         g = generator or torch.Generator().manual_seed(0)
         latents = torch.randn(1, 4, self.d, generator=g)

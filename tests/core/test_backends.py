@@ -43,26 +43,45 @@ ACTS = {
 
 
 def make_recipe(wfmt: str, act: str, dual: bool, smooth: bool, lowrank: int, **extra):
-    return recipe("w8a8", **WEIGHTS[wfmt][0], **ACTS[act], dual=dual, smooth=smooth, lowrank=lowrank, seg=True,
-                  search=False, **extra)
+    return recipe(
+        "w8a8",
+        **WEIGHTS[wfmt][0],
+        **ACTS[act],
+        dual=dual,
+        smooth=smooth,
+        lowrank=lowrank,
+        seg=True,
+        search=False,
+        **extra,
+    )
 
 
 def real_backends_for(layer: SegLinear) -> list[str]:
     """Every registered non-reference backend that is available here and accepts ``layer``."""
-    return [name for name, cls in _REGISTRY.items()
-            if name != "reference" and cls.available() and cls().unsupported_reason(layer) is None]
+    return [
+        name
+        for name, cls in _REGISTRY.items()
+        if name != "reference" and cls.available() and cls().unsupported_reason(layer) is None
+    ]
 
 
 def quantized_toy(wfmt: str, act: str, dual: bool, smooth: bool, lowrank: int, backend: str = "auto") -> SegToy:
     m = SegToy()
-    quantize(m, make_recipe(wfmt, act, dual, smooth, lowrank), seg_calls(), seg_plan(dual=dual), progress=False,
-             backend=backend)
+    quantize(
+        m,
+        make_recipe(wfmt, act, dual, smooth, lowrank),
+        seg_calls(),
+        seg_plan(dual=dual),
+        progress=False,
+        backend=backend,
+    )
     return m
 
 
 # §11.2 item 40 (CPU kernels) + B3 + B4: real vs reference across the whole matrix ---------------------------------
-@pytest.mark.parametrize("wfmt,act,dual,smooth,lowrank",
-                         list(itertools.product(WEIGHTS, ACTS, [False, True], [False, True], [0, 4])))
+@pytest.mark.parametrize(
+    "wfmt,act,dual,smooth,lowrank", list(itertools.product(WEIGHTS, ACTS, [False, True], [False, True], [0, 4]))
+)
 def test_item40_real_backends_match_reference(wfmt, act, dual, smooth, lowrank):
     m = quantized_toy(wfmt, act, dual, smooth, lowrank)
     layers = {name: getattr(m, name) for name in SEG_LAYERS}
@@ -93,8 +112,14 @@ def test_item40_real_backends_match_reference(wfmt, act, dual, smooth, lowrank):
 # per-segment DualScale: a ragged in-segmented layer whose second segment alone is dual (Flux single-stream) ---------
 def single_stream_toy(wfmt: str, act: str, smooth: bool, lowrank: int, dual: bool = True) -> SingleStreamToy:
     m = SingleStreamToy()
-    quantize(m, make_recipe(wfmt, act, dual, smooth, lowrank), single_stream_calls(), single_stream_plan(),
-             progress=False, backend="reference")
+    quantize(
+        m,
+        make_recipe(wfmt, act, dual, smooth, lowrank),
+        single_stream_calls(),
+        single_stream_plan(),
+        progress=False,
+        backend="reference",
+    )
     return m
 
 
@@ -179,8 +204,13 @@ def test_per_segment_dual_lowers_the_error_of_the_gelu_segment():
 
 
 def test_b3_dynamic_activations_run_on_real_cpu_backends():
-    for wfmt, backend in (("int8", "cpu-onednn-int8"), ("int8", "int-mm"), ("int4", "cpu-onednn-int8"),
-                          ("int4", "int-mm"), ("fp8", "scaled-mm-fp8")):
+    for wfmt, backend in (
+        ("int8", "cpu-onednn-int8"),
+        ("int8", "int-mm"),
+        ("int4", "cpu-onednn-int8"),
+        ("int4", "int-mm"),
+        ("fp8", "scaled-mm-fp8"),
+    ):
         m = quantized_toy(wfmt, "dynamic-token", dual=True, smooth=True, lowrank=0, backend=backend)
         assert m.segquant.backends == {backend: len(SEG_LAYERS)}
         call = seg_calls(n=1, seed=7)[0]
@@ -221,8 +251,9 @@ def _analytic(layer: SegLinear, x: torch.Tensor, quantized_branch: bool = False)
     return y + layer.bias.double()
 
 
-@pytest.mark.parametrize("wfmt,backends", [("int8", ["reference", *INT_BACKENDS]),
-                                           ("fp8", ["reference", *FP8_BACKENDS])])
+@pytest.mark.parametrize(
+    "wfmt,backends", [("int8", ["reference", *INT_BACKENDS]), ("fp8", ["reference", *FP8_BACKENDS])]
+)
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("smooth", [False, True])
 def test_b5_lowrank_branch_uses_unquantized_activations(wfmt, backends, act, smooth):
@@ -278,13 +309,20 @@ def test_backend_refusals_name_the_reason():
     with pytest.raises(ValueError, match=r"unknown backend 'cuda-magic'.*reference"):
         get_backend("cuda-magic")
     with pytest.raises(ValueError, match="cannot run"):
-        quantize(SegToy(), recipe("w8a8", activation=None), seg_calls(), seg_plan(), backend="int-mm",
-                 progress=False)
+        quantize(SegToy(), recipe("w8a8", activation=None), seg_calls(), seg_plan(), backend="int-mm", progress=False)
     assert {"cpu-onednn-int8", "int-mm", "scaled-mm-fp8", "reference", "auto"} <= set(backend_names())
 
 
-@pytest.mark.parametrize("wfmt,act", [("int8", "static-tensor"), ("int8", "dynamic-token"),
-                                      ("int4", "dynamic-token"), ("fp8", "static-tensor"), ("fp8", "dynamic-token")])
+@pytest.mark.parametrize(
+    "wfmt,act",
+    [
+        ("int8", "static-tensor"),
+        ("int8", "dynamic-token"),
+        ("int4", "dynamic-token"),
+        ("fp8", "static-tensor"),
+        ("fp8", "dynamic-token"),
+    ],
+)
 def test_small_m_and_1d_inputs(wfmt, act):
     m = quantized_toy(wfmt, act, dual=True, smooth=True, lowrank=0)
     for name in SEG_LAYERS:
@@ -302,8 +340,16 @@ def test_small_m_and_1d_inputs(wfmt, act):
                 assert rel_err(y1, ref1d) < 1e-3
 
 
-@pytest.mark.parametrize("wfmt,backend", [("int8", "reference"), ("int8", "cpu-onednn-int8"), ("int8", "int-mm"),
-                                          ("int4", "cpu-onednn-int8"), ("fp8", "scaled-mm-fp8")])
+@pytest.mark.parametrize(
+    "wfmt,backend",
+    [
+        ("int8", "reference"),
+        ("int8", "cpu-onednn-int8"),
+        ("int8", "int-mm"),
+        ("int4", "cpu-onednn-int8"),
+        ("fp8", "scaled-mm-fp8"),
+    ],
+)
 def test_bf16_inputs_give_bf16_outputs(wfmt, backend):
     m = quantized_toy(wfmt, "dynamic-token", dual=True, smooth=True, lowrank=4, backend=backend)
     for name in SEG_LAYERS:
@@ -335,8 +381,13 @@ def test_item09_all_positive_layer_input_dual_equals_single(act):
     layers = {}
     for dual in (False, True):
         m = ReluLinear()
-        quantize(m, make_recipe("int8", act, dual=dual, smooth=False, lowrank=0), calls,
-                 Plan([LayerPlan("lin", None, dual)]), progress=False)
+        quantize(
+            m,
+            make_recipe("int8", act, dual=dual, smooth=False, lowrank=0),
+            calls,
+            Plan([LayerPlan("lin", None, dual)]),
+            progress=False,
+        )
         assert m.lin.cfg.activation.dual is dual
         layers[dual] = m.lin
     if act == "static-tensor":

@@ -13,8 +13,9 @@ PROMPTS = ["a red circle", "two blue squares on grey", "a triangle"]
 
 
 def _capture(pipe: TinyPipeline, seed: int, steps: int = 8, per_prompt: int = 3) -> CalibrationSet:
-    return capture_calibration(pipe, PROMPTS, num_inference_steps=steps, steps_per_prompt=per_prompt, seed=seed,
-                               progress=False)
+    return capture_calibration(
+        pipe, PROMPTS, num_inference_steps=steps, steps_per_prompt=per_prompt, seed=seed, progress=False
+    )
 
 
 # §11.2 item 39: deterministic calibration subset ---------------------------------------------------------------
@@ -98,8 +99,16 @@ def test_quantize_from_a_calibration_set_and_quantize_pipeline():
     assert all(isinstance(getattr(pipe.transformer, n), SegLinear) for n in SEG_LAYERS)
     # the pipeline helper captures and quantizes in one go (same seed → same calibration record)
     pipe2 = TinyPipeline()
-    res2 = quantize_pipeline(pipe2, "w8a8-segquant", PROMPTS, num_inference_steps=4, steps_per_prompt=2, seed=2,
-                             plan=seg_plan(), progress=False)
+    res2 = quantize_pipeline(
+        pipe2,
+        "w8a8-segquant",
+        PROMPTS,
+        num_inference_steps=4,
+        steps_per_prompt=2,
+        seed=2,
+        plan=seg_plan(),
+        progress=False,
+    )
     assert res2.calibration["recorded_steps"] == calib.steps
     out = pipe2("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0))
     ref = TinyPipeline()("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0))

@@ -57,8 +57,13 @@ def test_item32_gptq_through_quantize_beats_rtn():
     for gptq in (False, True):
         m = nn.Sequential(nn.Linear(k, n))
         m.load_state_dict({"0.weight": base.weight, "0.bias": base.bias})
-        res = quantize(m, recipe("w8a8", weight="int4", weight_granularity="channel", activation=None, gptq=gptq),
-                       calls, Plan([LayerPlan("0")]), progress=False)
+        res = quantize(
+            m,
+            recipe("w8a8", weight="int4", weight_granularity="channel", activation=None, gptq=gptq),
+            calls,
+            Plan([LayerPlan("0")]),
+            progress=False,
+        )
         errs[gptq] = float(((m(x_test).detach() - ref) ** 2).mean())
         if gptq:
             info = res.layers["0"].segments[0].gptq
@@ -69,8 +74,13 @@ def test_item32_gptq_through_quantize_beats_rtn():
 def test_gptq_in_segments_use_their_own_hessian_blocks():
     m = nn.Sequential(nn.Linear(64, 16))
     calls = [{"input": _correlated(128, 64, 7)}]
-    res = quantize(m, recipe("w8a8", weight="int4", weight_granularity="channel", seg=True, gptq=True), calls,
-                   Plan([LayerPlan("0", Segments("in", (16, 48)))]), progress=False)
+    res = quantize(
+        m,
+        recipe("w8a8", weight="int4", weight_granularity="channel", seg=True, gptq=True),
+        calls,
+        Plan([LayerPlan("0", Segments("in", (16, 48)))]),
+        progress=False,
+    )
     segs = res.layers["0"].segments
     assert len(segs) == 2 and all(s.gptq and not s.gptq["fell_back_to_rtn"] for s in segs)
     assert [tuple(s.weight.shape) for s in m[0].segs] == [(16, 8), (16, 24)]  # packed int4

@@ -78,8 +78,13 @@ def test_lowrank_reduces_error_on_low_rank_dominated_weight():
     for rank in (0, 2):
         mm = nn.Sequential(nn.Linear(64, 64))
         mm.load_state_dict({"0.weight": w, "0.bias": b})
-        quantize(mm, recipe("w8a8", weight="int4", weight_granularity="tensor", lowrank=rank), calls,
-                 Plan([LayerPlan("0")]), progress=False)
+        quantize(
+            mm,
+            recipe("w8a8", weight="int4", weight_granularity="tensor", lowrank=rank),
+            calls,
+            Plan([LayerPlan("0")]),
+            progress=False,
+        )
         errs[rank] = rel_err(mm(x), ref)
     assert errs[2] < errs[0] / 2, errs
 
@@ -88,8 +93,13 @@ def test_lowrank_reduces_error_on_low_rank_dominated_weight():
 @pytest.mark.parametrize("backend", ["reference", "cpu-onednn-int8", "int-mm"])
 def test_item31_b5_branch_sees_unquantized_smoothed_input(backend):
     m = AdaLNToy()
-    quantize(m, recipe("w8a8-smooth", seg=True, lowrank=4, search=False, activation_granularity="token",
-                       dynamic=True), adaln_calls(), adaln_plan(m), progress=False)
+    quantize(
+        m,
+        recipe("w8a8-smooth", seg=True, lowrank=4, search=False, activation_granularity="token", dynamic=True),
+        adaln_calls(),
+        adaln_plan(m),
+        progress=False,
+    )
     layer: SegLinear = m.linear
     layer.set_backend(get_backend(backend))
     x = torch.nn.functional.silu(torch.randn(8, 32, generator=gen(6)) * 3)

@@ -119,8 +119,10 @@ def test_item38_no_second_copy_of_float_weights_kept_alive():
     # the quantized layers hold no float weight-sized tensor of the original either
     for n in SEG_LAYERS:
         layer = getattr(m, n)
-        assert all(t.dtype != torch.float32 or t.numel() < layer.in_features * layer.out_features
-                   for t in (s.weight for s in layer.segs))
+        assert all(
+            t.dtype != torch.float32 or t.numel() < layer.in_features * layer.out_features
+            for t in (s.weight for s in layer.segs)
+        )
 
 
 # §11.2 item 35: no in-place mutation of the caller's activations ------------------------------------------------------
@@ -164,9 +166,14 @@ def test_item35_no_inplace_mutation_of_activations(spec):
 def test_item36_excluded_layers_stay_float_and_overrides_apply():
     m = SegToy()
     q_weight = m.q.weight.detach().clone()
-    r = recipe("w8a8-segquant", excludes=("q",),
-               overrides=(LayerOverride.from_dict({"pattern": "f*", "weight": "int4", "weight_granularity": "channel"}),
-                          LayerOverride.from_dict({"pattern": "k", "exclude": True})))
+    r = recipe(
+        "w8a8-segquant",
+        excludes=("q",),
+        overrides=(
+            LayerOverride.from_dict({"pattern": "f*", "weight": "int4", "weight_granularity": "channel"}),
+            LayerOverride.from_dict({"pattern": "k", "exclude": True}),
+        ),
+    )
     res = quantize(m, r, seg_calls(), seg_plan(), progress=False)
     assert isinstance(m.q, nn.Linear) and not isinstance(m.q, SegLinear)
     assert isinstance(m.k, nn.Linear) and not isinstance(m.k, SegLinear)
@@ -252,8 +259,10 @@ def test_layers_without_calibration_input(spec, caplog):
     # only the held-out (odd-numbered) calls reach crashed the same way. The first stays float (reported as
     # excluded, with a warning), the second is calibrated on what it saw.
     g = gen(3)
-    calls = [{"x": torch.randn(4, 16, generator=g)},
-             {"x": torch.randn(4, 16, generator=g), "extra": torch.randn(4, 16, generator=g)}]
+    calls = [
+        {"x": torch.randn(4, 16, generator=g)},
+        {"x": torch.randn(4, 16, generator=g), "extra": torch.randn(4, 16, generator=g)},
+    ]
     m = Branchy()
     with caplog.at_level("WARNING"):
         res = quantize(m, spec, calls, Plan(), progress=False)

@@ -131,8 +131,12 @@ def test_item04_static_without_scale_raises():
 def test_encode_activation_never_writes_input():
     x = torch.randn(6, 8, generator=gen(6))
     before = x.clone()
-    for spec in (INT8_T_DYN, INT8_TOK, ActivationSpec("int8", "tensor", True, True),
-                 ActivationSpec("fp8", "token", True, True)):
+    for spec in (
+        INT8_T_DYN,
+        INT8_TOK,
+        ActivationSpec("int8", "tensor", True, True),
+        ActivationSpec("fp8", "token", True, True),
+    ):
         fake_quantize_activation(x, spec)
     assert torch.equal(x, before)
 

@@ -54,11 +54,15 @@ def test_every_preset_round_trips_through_json(name):
 
 
 def test_round_trip_with_overrides_and_excludes():
-    r = recipe("w8a8-segquant:lowrank=8", excludes=("*.proj_out", "time_*"),
-               overrides=(LayerOverride.from_dict({"pattern": "*.ff.*", "weight": "int4",
-                                                   "weight_granularity": "channel"}),
-                          LayerOverride.from_dict({"pattern": "*.attn.*", "exclude": True})),
-               alpha_grid=(0.1, 0.9))
+    r = recipe(
+        "w8a8-segquant:lowrank=8",
+        excludes=("*.proj_out", "time_*"),
+        overrides=(
+            LayerOverride.from_dict({"pattern": "*.ff.*", "weight": "int4", "weight_granularity": "channel"}),
+            LayerOverride.from_dict({"pattern": "*.attn.*", "exclude": True}),
+        ),
+        alpha_grid=(0.1, 0.9),
+    )
     back = _json_round_trip(r)
     assert back == r
     assert back.overrides[0].changes == (("weight", "int4"), ("weight_granularity", "channel"))
@@ -72,8 +76,16 @@ def test_switch_strings_parse():
     r = recipe("w8a8-smooth: search = off , alpha = 0.3 ")
     assert (r.search, r.alpha) == (False, 0.3)
     assert r.resolve("x", None).alpha_grid == (0.3,)
-    for value, expect in (("on", True), ("true", True), ("1", True), ("yes", True),
-                          ("off", False), ("false", False), ("0", False), ("no", False)):
+    for value, expect in (
+        ("on", True),
+        ("true", True),
+        ("1", True),
+        ("yes", True),
+        ("off", False),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+    ):
         assert recipe(f"w8a8:seg={value}").seg is expect
     # keyword switches work on top of a string and on a Recipe
     r = recipe("w8a8-segquant:dual=off", gptq=True)
@@ -85,8 +97,9 @@ def test_switch_strings_parse():
 def test_bad_names_and_switches_raise_value_errors_listing_allowed_values():
     with pytest.raises(ValueError, match=r"unknown recipe 'w9a9'.*fp, w8a8, w8a8-smooth, w8a8-segquant"):
         recipe("w9a9")
-    with pytest.raises(ValueError,
-                       match=r"unknown recipe switch 'turbo'.*seg, dual, smooth, gptq, lowrank, alpha, search"):
+    with pytest.raises(
+        ValueError, match=r"unknown recipe switch 'turbo'.*seg, dual, smooth, gptq, lowrank, alpha, search"
+    ):
         recipe("w8a8:turbo=on")
     with pytest.raises(ValueError, match="on/off"):
         recipe("w8a8:dual=maybe")
@@ -132,12 +145,17 @@ def test_b7_static_per_token_recipe_rejected():
 
 # §11.2 item 36: per-layer override and exclude by glob --------------------------------------------------------
 def test_item36_exclude_and_override_by_glob():
-    r = recipe("w8a8-segquant", excludes=("time_embed.*",),
-               overrides=(LayerOverride.from_dict({"pattern": "blocks.*.ff.net.2", "weight": "int4",
-                                                   "weight_granularity": "channel"}),
-                          LayerOverride.from_dict({"pattern": "blocks.1.*", "exclude": True}),
-                          LayerOverride.from_dict({"pattern": "blocks.0.ff.*", "weight": "fp8_e4m3",
-                                                   "activation": "fp8_e4m3"})))
+    r = recipe(
+        "w8a8-segquant",
+        excludes=("time_embed.*",),
+        overrides=(
+            LayerOverride.from_dict(
+                {"pattern": "blocks.*.ff.net.2", "weight": "int4", "weight_granularity": "channel"}
+            ),
+            LayerOverride.from_dict({"pattern": "blocks.1.*", "exclude": True}),
+            LayerOverride.from_dict({"pattern": "blocks.0.ff.*", "weight": "fp8_e4m3", "activation": "fp8_e4m3"}),
+        ),
+    )
     assert r.resolve("time_embed.linear_1", None) is None
     assert r.resolve("blocks.1.attn.to_q", None) is None
     assert r.resolve("blocks.1.ff.net.2", None) is None  # exclude override applies after the int4 one
@@ -152,8 +170,9 @@ def test_item36_exclude_and_override_by_glob():
 
 
 def test_override_can_switch_features_off_per_layer():
-    r = recipe("w8a8-segquant", overrides=(LayerOverride.from_dict({"pattern": "*.norm1.*", "seg": False,
-                                                                    "dual": False}),))
+    r = recipe(
+        "w8a8-segquant", overrides=(LayerOverride.from_dict({"pattern": "*.norm1.*", "seg": False, "dual": False}),)
+    )
     s = r.resolve(SEG_DUAL.layer, SEG_DUAL)
     assert s.segments is None and s.activation.dual is False
     other = LayerPlan("blk.ff.linear", Segments("in", (4, 4)), True)

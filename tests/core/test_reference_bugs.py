@@ -25,19 +25,25 @@ from segquant_core.quantizers import ActivationSpec, fake_quantize_activation
 
 from .conftest import SEG_LAYERS, AdaLNToy, SegToy, adaln_calls, adaln_plan, gen, rel_err, seg_calls, seg_plan
 
-BACKENDS = {"int8": ["reference", "cpu-onednn-int8", "int-mm"], "int4": ["reference", "cpu-onednn-int8", "int-mm"],
-            "fp8": ["reference", "scaled-mm-fp8"]}
-FIELDS = {"int8": dict(weight="int8", activation="int8"),
-          "int4": dict(weight="int4", weight_granularity="channel", activation="int8"),
-          "fp8": dict(weight="fp8_e4m3", activation="fp8_e4m3")}
+BACKENDS = {
+    "int8": ["reference", "cpu-onednn-int8", "int-mm"],
+    "int4": ["reference", "cpu-onednn-int8", "int-mm"],
+    "fp8": ["reference", "scaled-mm-fp8"],
+}
+FIELDS = {
+    "int8": dict(weight="int8", activation="int8"),
+    "int4": dict(weight="int4", weight_granularity="channel", activation="int8"),
+    "fp8": dict(weight="fp8_e4m3", activation="fp8_e4m3"),
+}
 
 
 def test_b1_alpha_search_evaluates_every_grid_value_and_one_point_grids_work():
     """B1 (see test_smooth items 25–27): the last grid value was skipped; a one-value grid crashed."""
     for grid in ((0.0, 0.25, 0.5, 0.75, 1.0), tuple(round(0.1 * i, 1) for i in range(11)), (1.0,), (0.4,)):
         m = AdaLNToy()
-        res = quantize(m, recipe("w8a8-smooth", seg=True, alpha_grid=grid), adaln_calls(), adaln_plan(m),
-                       progress=False)
+        res = quantize(
+            m, recipe("w8a8-smooth", seg=True, alpha_grid=grid), adaln_calls(), adaln_plan(m), progress=False
+        )
         for seg in res.layers["linear"].segments:
             assert tuple(seg.errors) == grid  # every value, in order, the last included
             assert seg.alpha in grid
@@ -62,8 +68,7 @@ def test_b2_stack_to_linear_in_segments_work():
     calls = [{"x": torch.randn(16, 16, generator=gen(1))}]
     for sizes in ((16, 16, 16, 16), (16, 48), (8, 24, 32)):
         m = Stack()
-        quantize(m, "w8a8:seg=on,dual=on", calls, Plan([LayerPlan("out", Segments("in", sizes), True)]),
-                 progress=False)
+        quantize(m, "w8a8:seg=on,dual=on", calls, Plan([LayerPlan("out", Segments("in", sizes), True)]), progress=False)
         assert [s.weight.shape[1] for s in m.out.segs] == list(sizes)
         x = torch.randn(5, 64, generator=gen(2))
         m.out.set_backend(get_backend("reference"))
@@ -112,8 +117,13 @@ def test_b5_lowrank_branch_sees_unquantized_activations():
     """B5 (see test_backends / test_lowrank item 31): fake mode fed quantized activations to the branch."""
     for wfmt in ("int8", "fp8"):
         m = nn.Sequential(nn.Linear(32, 32))
-        quantize(m, recipe("w8a8", **FIELDS[wfmt], lowrank=8, activation_granularity="token", dynamic=True),
-                 [{"input": torch.randn(32, 32, generator=gen(5))}], Plan([LayerPlan("0")]), progress=False)
+        quantize(
+            m,
+            recipe("w8a8", **FIELDS[wfmt], lowrank=8, activation_granularity="token", dynamic=True),
+            [{"input": torch.randn(32, 32, generator=gen(5))}],
+            Plan([LayerPlan("0")]),
+            progress=False,
+        )
         layer: SegLinear = m[0]
         seg = layer.segs[0]
         x = torch.randn(8, 32, generator=gen(6))
@@ -132,8 +142,13 @@ def test_b6_rank_capped_below_segment_dim():
     """B6 (see test_lowrank item 30): r ≥ segment size made the residual 0 (a silently float layer)."""
     assert cap_rank(64, 64, 3072) == 63 and cap_rank(64, 3072, 64) == 63 and cap_rank(32, 64, 64) == 32
     m = nn.Sequential(nn.Linear(64, 64))
-    res = quantize(m, "w8a8:lowrank=64,seg=on", [{"input": torch.randn(16, 64, generator=gen(7))}],
-                   Plan([LayerPlan("0", Segments("in", (16, 16, 32)))]), progress=False)
+    res = quantize(
+        m,
+        "w8a8:lowrank=64,seg=on",
+        [{"input": torch.randn(16, 64, generator=gen(7))}],
+        Plan([LayerPlan("0", Segments("in", (16, 16, 32)))]),
+        progress=False,
+    )
     assert res.layers["0"].rank_capped and res.layers["0"].lowrank_rank == 15
     for seg in m[0].segs:
         assert seg.lowrank_down.shape[1] == 15 < min(seg.weight.shape)
@@ -152,16 +167,24 @@ def test_b7_static_per_token_activations_rejected():
 
 def test_b8_every_recipe_switch_combination_constructs_and_runs():
     """B8 (see test_recipes): an ablation config (search on, no grid) raised KeyError."""
-    for spec in ("w8a8-segquant:dual=off", "w8a8-segquant:search=off", "w8a8-smooth:search=on",
-                 "w8a8-segquant:seg=off,dual=on", "fp8-segquant:smooth=on,gptq=on,lowrank=4",
-                 "w4a8-segquant:search=off,alpha=1", "w8a8:smooth=off,search=on,dual=on"):
+    for spec in (
+        "w8a8-segquant:dual=off",
+        "w8a8-segquant:search=off",
+        "w8a8-smooth:search=on",
+        "w8a8-segquant:seg=off,dual=on",
+        "fp8-segquant:smooth=on,gptq=on,lowrank=4",
+        "w4a8-segquant:search=off,alpha=1",
+        "w8a8:smooth=off,search=on,dual=on",
+    ):
         r = recipe(spec)
         m = SegToy()
         res = quantize(m, r, seg_calls(), seg_plan(), progress=False)
         assert set(res.layers) == set(SEG_LAYERS), spec
     for name, switch, value in itertools.product(
-            ("fp", "w8a8", "w8a8-smooth", "w8a8-segquant", "w4a8-segquant", "fp8-segquant"),
-            ("seg", "dual", "smooth", "gptq", "search"), ("on", "off")):
+        ("fp", "w8a8", "w8a8-smooth", "w8a8-segquant", "w4a8-segquant", "fp8-segquant"),
+        ("seg", "dual", "smooth", "gptq", "search"),
+        ("on", "off"),
+    ):
         r = recipe(f"{name}:{switch}={value}")
         r.resolve("blk.linear", LayerPlan("blk.linear", Segments("out", (4, 4)), True))
         json.dumps(r.to_dict())
@@ -181,8 +204,14 @@ def test_b9_import_needs_no_cuda_and_no_service_dependencies():
         print("ok", segquant_core.__version__)
     """)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok ")
 

@@ -18,12 +18,15 @@ from .conftest import AdaLNToy, adaln_calls, adaln_plan, gen, rel_err
 
 
 # §11.2 item 10: identity quantizers reproduce F.linear -----------------------------------------------------
-@pytest.mark.parametrize("segments", [
-    Segments("out", (16, 16, 16)),
-    Segments("out", (8, 32, 8)),  # ragged
-    Segments("in", (12, 48)),  # ragged
-    Segments("in", (20, 20, 20)),
-])
+@pytest.mark.parametrize(
+    "segments",
+    [
+        Segments("out", (16, 16, 16)),
+        Segments("out", (8, 32, 8)),  # ragged
+        Segments("in", (12, 48)),  # ragged
+        Segments("in", (20, 20, 20)),
+    ],
+)
 def test_item10_unquantized_segments_reproduce_f_linear_float64(segments):
     lin = nn.Linear(60, 48).double()
     with torch.no_grad():  # weights that fp32 cannot represent exactly: a float32 detour would show
@@ -168,8 +171,13 @@ def test_item13_remainder_out_segments():
     layer = SegLinear.unquantized(lin, Segments("out", (16, 16, 8)))  # split(16) with a remainder of 8
     assert torch.allclose(layer(x), lin(x), atol=1e-6)
     m = nn.Sequential(lin)
-    quantize(m, recipe("w8a8", seg=True), [{"input": torch.randn(8, 16, generator=gen(8))}],
-             Plan([LayerPlan("0", Segments("out", (16, 16, 8)))]), progress=False)
+    quantize(
+        m,
+        recipe("w8a8", seg=True),
+        [{"input": torch.randn(8, 16, generator=gen(8))}],
+        Plan([LayerPlan("0", Segments("out", (16, 16, 8)))]),
+        progress=False,
+    )
     assert [s.weight.shape[0] for s in m[0].segs] == [16, 16, 8]
     assert m[0](x).shape == (3, 40)
 
@@ -190,18 +198,28 @@ def test_item13_wrong_sizes_raise_value_error():
     # quantize() checks the plan against the model before touching anything
     m = nn.Sequential(nn.Linear(60, 24))
     with pytest.raises(ValueError, match="sum to 61"):
-        quantize(m, "w8a8:seg=on", [{"input": torch.randn(4, 60)}],
-                 Plan([LayerPlan("0", Segments("in", (13, 48)))]), progress=False)
+        quantize(
+            m,
+            "w8a8:seg=on",
+            [{"input": torch.randn(4, 60)}],
+            Plan([LayerPlan("0", Segments("in", (13, 48)))]),
+            progress=False,
+        )
     # int4 weights need an even K per segment
     cfg = SegLinearConfig(60, 24, Segments("in", (13, 47)), None, None, True)
     SegLinear(cfg)  # float: fine
     from segquant_core.quantizers import WeightSpec
+
     with pytest.raises(ValueError, match="even"):
         SegLinear(SegLinearConfig(60, 24, Segments("in", (13, 47)), WeightSpec("int4", "channel"), None, True))
     with pytest.raises(ValueError, match="even"):
-        quantize(nn.Sequential(nn.Linear(60, 24)), recipe("w8a8", weight="int4", weight_granularity="channel",
-                                                           seg=True), [{"input": torch.randn(4, 60)}],
-                 Plan([LayerPlan("0", Segments("in", (13, 47)))]), progress=False)
+        quantize(
+            nn.Sequential(nn.Linear(60, 24)),
+            recipe("w8a8", weight="int4", weight_granularity="channel", seg=True),
+            [{"input": torch.randn(4, 60)}],
+            Plan([LayerPlan("0", Segments("in", (13, 47)))]),
+            progress=False,
+        )
 
 
 # B2: stack → linear (equal in-segments) ---------------------------------------------------------------------
@@ -219,7 +237,7 @@ class StackToy(nn.Module):
         self.out = nn.Linear(48, 16)
         with torch.no_grad():  # every part contributes about equally to the output
             for k, s in enumerate((0.02, 1.0, 20.0)):
-                self.out.weight[:, 16 * k:16 * (k + 1)] /= s
+                self.out.weight[:, 16 * k : 16 * (k + 1)] /= s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.stack([p(x) for p in self.parts], dim=-2)  # [..., 3, 16]
@@ -265,8 +283,9 @@ def test_forward_never_writes_into_input():
 
 # per-segment DualScale in the layer config ---------------------------------------------------------------------
 def _config(segments: Segments, dual: bool, dual_segments=None) -> SegLinearConfig:
-    return SegLinearConfig(96, 16, segments, WeightSpec("int8"), ActivationSpec("int8", dual=dual), True,
-                           dual_segments=dual_segments)
+    return SegLinearConfig(
+        96, 16, segments, WeightSpec("int8"), ActivationSpec("int8", dual=dual), True, dual_segments=dual_segments
+    )
 
 
 def test_per_segment_dual_config_gives_each_segment_its_quantizer_and_scales():
@@ -293,8 +312,15 @@ def test_uniform_dual_flags_collapse_and_bad_ones_are_refused():
     none = _config(Segments("in", (32, 64)), True, (False, False))
     assert none.dual_segments is None and not none.activation.dual
     with pytest.raises(ValueError, match="out-segments all read the same input"):
-        SegLinearConfig(32, 96, Segments("out", (32, 64)), WeightSpec("int8"), ActivationSpec("int8", dual=True),
-                        True, dual_segments=(False, True))
+        SegLinearConfig(
+            32,
+            96,
+            Segments("out", (32, 64)),
+            WeightSpec("int8"),
+            ActivationSpec("int8", dual=True),
+            True,
+            dual_segments=(False, True),
+        )
     with pytest.raises(ValueError, match="3 flags for 2 segments"):
         _config(Segments("in", (32, 64)), True, (False, True, True))
     with pytest.raises(ValueError, match="needs a DualScale activation spec"):

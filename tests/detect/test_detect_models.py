@@ -24,8 +24,10 @@ Rec = tuple[str, tuple[str, list[int]] | None, bool | list[bool]]  # dual: one f
 
 
 def as_list(expected: list[Rec]) -> list[dict[str, Any]]:
-    return [{"layer": name, "segments": {"axis": seg[0], "sizes": seg[1]} if seg else None, "dual_scale": dual}
-            for name, seg, dual in expected]
+    return [
+        {"layer": name, "segments": {"axis": seg[0], "sizes": seg[1]} if seg else None, "dual_scale": dual}
+        for name, seg, dual in expected
+    ]
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -211,7 +213,9 @@ def test_sd3_full_plan(sd3: nn.Module, sd3_plan: Plan) -> None:  # §11.2 item 2
 
 def test_sd3_reasons(sd3_plan: Plan) -> None:
     assert sd3_plan["transformer_blocks.0.norm1.linear"].reasons == (
-        "output chunked into 9 along the last dim (dim=1, aten.chunk)", "input from SiLU (aten.silu)")
+        "output chunked into 9 along the last dim (dim=1, aten.chunk)",
+        "input from SiLU (aten.silu)",
+    )
     assert sd3_plan["transformer_blocks.0.attn.to_out.0"].reasons[0].startswith("input is a per-head reshape 2×8")
     assert sd3_plan["transformer_blocks.0.ff.net.2"].reasons == ("input from GELU(tanh) (aten.gelu) via dropout",)
     assert "cat of 2 parts [128, 128]" in sd3_plan["time_text_embed.timestep_embedder.linear_1"].reasons[0]
@@ -248,8 +252,9 @@ def test_sdxl_unet_plan(unet: nn.Module, unet_plan: Plan) -> None:  # §11.2 ite
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux", "pixart", "unet"])
-def test_dispatch_capture_agrees_with_export(name: str, request: pytest.FixtureRequest,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_dispatch_capture_agrees_with_export(
+    name: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
     """The fixtures' plans come from torch.export; the dispatch-level recorder must find the same plan."""
     model, exported = request.getfixturevalue(name), request.getfixturevalue(f"{name}_plan")
     with caplog.at_level(logging.INFO, logger="segquant_core.detect"):

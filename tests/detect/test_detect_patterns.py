@@ -289,8 +289,9 @@ class NotHeads(nn.Module):
         self.squeeze = nn.Linear(7, 4)
         self.rows = nn.Linear(12, 4)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, z: torch.Tensor,
-                rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, z: torch.Tensor, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         a = self.split_last(x.view(x.shape[0], 4, 5))  # (B, 20) → (B, 4, 5): splits, doesn't merge
         b = self.flatten_lead(y.flatten(1, 2))  # (B, 4, 5, 6) → (B, 20, 6): non-trailing dims
         c = self.after_mul(h.reshape(h.shape[0], -1) * 2.0)  # arithmetic between merge and linear
@@ -309,8 +310,15 @@ def test_per_head_reshape(method: str) -> None:  # §11.2 item 18
 
 
 def test_reshape_false_positives(method: str) -> None:  # §11.2 item 18 (negatives)
-    plan = run(NotHeads(), torch.randn(B, 20), torch.randn(B, 4, 5, 6), torch.randn(B, 2, 8),
-               torch.randn(B, 7, 1), torch.randn(B * 3, 4), method=method)
+    plan = run(
+        NotHeads(),
+        torch.randn(B, 20),
+        torch.randn(B, 4, 5, 6),
+        torch.randn(B, 2, 8),
+        torch.randn(B, 7, 1),
+        torch.randn(B * 3, 4),
+        method=method,
+    )
     for name in ("split_last", "flatten_lead", "after_mul", "squeeze", "rows"):
         assert plan[name].segments is None, name
 

@@ -360,8 +360,11 @@ def test_flux_single_stream_proj_out_is_dual_on_the_mlp_segment_only() -> None:
     """Flux.1-dev: every single-stream ``proj_out`` reads cat(attention 3072, GELU-MLP 12288); only the MLP part
     comes from an activation, so DualScale is recorded for that in-segment alone, and nowhere else per segment."""
     plan = meta_plan("flux.1-dev")
-    partial = {r.layer: (r.segments.sizes if r.segments else None, r.dual_scale)
-               for r in plan if isinstance(r.dual_scale, tuple)}
+    partial = {
+        r.layer: (r.segments.sizes if r.segments else None, r.dual_scale)
+        for r in plan
+        if isinstance(r.dual_scale, tuple)
+    }
     assert partial == {f"single_transformer_blocks.{i}.proj_out": ((3072, 12288), (False, True)) for i in range(38)}
     assert plan["single_transformer_blocks.0.proj_out"].dual_mask == (False, True)
 

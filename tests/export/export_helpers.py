@@ -39,13 +39,29 @@ def tiny_model(kind: str) -> nn.Module:
         return sq.denoiser_of(pipe).eval()
     if kind == "flux":
         return FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6)).eval()
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ).eval()
     if kind == "pixart":
         return PixArtTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-            cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=2).eval()
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=1,
+            cross_attention_dim=16,
+            caption_channels=32,
+            sample_size=8,
+            patch_size=2,
+        ).eval()
     raise ValueError(kind)
 
 
@@ -100,13 +116,19 @@ def expected_counts(layer: sq.SegLinear) -> Counter[str]:
     if cfg.segments.axis == "in":  # one group per segment, each with its own DualScale flag
         parts = [0 if s.activation is None else s.activation.parts for s in segs]
     else:  # out-segments with the same input quantizer (smoothing vector + activation scale) share one
-        groups = 1 + sum(not (_same(a.smooth, b.smooth) and _same(a.act_scale, b.act_scale))
-                         for a, b in itertools.pairwise(segs))
+        groups = 1 + sum(
+            not (_same(a.smooth, b.smooth) and _same(a.act_scale, b.act_scale)) for a, b in itertools.pairwise(segs)
+        )
         parts = [0 if cfg.activation is None else cfg.activation.parts] * groups
     lowrank = sum(s.lowrank_down is not None for s in segs)
-    return Counter({"QuantizeLinear": sum(parts), "act_DequantizeLinear": sum(parts),
-                    "weight_DequantizeLinear": len(parts) if cfg.weight else 0,
-                    "MatMul": sum(max(p, 1) for p in parts) + 2 * lowrank})
+    return Counter(
+        {
+            "QuantizeLinear": sum(parts),
+            "act_DequantizeLinear": sum(parts),
+            "weight_DequantizeLinear": len(parts) if cfg.weight else 0,
+            "MatMul": sum(max(p, 1) for p in parts) + 2 * lowrank,
+        }
+    )
 
 
 def graph_counts(model_proto: onnx.ModelProto, layer: str) -> Counter[str]:

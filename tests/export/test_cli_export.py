@@ -22,18 +22,41 @@ def pipe_and_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     root = tmp_path_factory.mktemp("export-cli")
     pipe = segquant_shapes.tiny_random_pipeline("mmdit", seed=0)
     pipe.save_pretrained(root / "pipe")
-    sq.quantize_pipeline(pipe, "w8a8-segquant", ["a small red circle on a blue background"],
-                         num_inference_steps=2, steps_per_prompt=2, guidance_scale=3.0, progress=False)
+    sq.quantize_pipeline(
+        pipe,
+        "w8a8-segquant",
+        ["a small red circle on a blue background"],
+        num_inference_steps=2,
+        steps_per_prompt=2,
+        guidance_scale=3.0,
+        progress=False,
+    )
     sq.save(sq.denoiser_of(pipe), root / "artifact", source={"path": str(root / "pipe"), "component": "transformer"})
     return root / "pipe", root / "artifact"
 
 
-def test_export_onnx_check_reports_error_and_latencies(pipe_and_artifact, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_onnx_check_reports_error_and_latencies(
+    pipe_and_artifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, art = pipe_and_artifact
     out, report = tmp_path / "model.onnx", tmp_path / "report.json"
-    rc = main(["export-onnx", str(art), "--out", str(out), "--example-size", "8x8", "--check", "--rounds", "3",
-               "--exporter", "torchscript", "--json", str(report)])  # dynamo: see test_export_models.py
+    rc = main(
+        [
+            "export-onnx",
+            str(art),
+            "--out",
+            str(out),
+            "--example-size",
+            "8x8",
+            "--check",
+            "--rounds",
+            "3",
+            "--exporter",
+            "torchscript",
+            "--json",
+            str(report),
+        ]
+    )  # dynamo: see test_export_models.py
     printed = capsys.readouterr().out
     print(printed)  # the benchmark lines, visible with -s
     assert rc == 0, printed
@@ -46,8 +69,9 @@ def test_export_onnx_check_reports_error_and_latencies(pipe_and_artifact, tmp_pa
     assert check["ort_ms"] > 0 and check["backend_ms"] > 0 and check["rounds"] == 3
 
 
-def test_unexpressible_artifact_fails_with_the_layer_name(pipe_and_artifact, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_unexpressible_artifact_fails_with_the_layer_name(
+    pipe_and_artifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pipe_dir, _ = pipe_and_artifact
     model = sq.denoiser_of(segquant_shapes.tiny_random_pipeline("mmdit", seed=0))
     dynamic = Recipe("w8a8-per-token", activation_granularity="token", dynamic=True, smooth=True, seg=True, dual=True)
@@ -60,8 +84,9 @@ def test_unexpressible_artifact_fails_with_the_layer_name(pipe_and_artifact, tmp
     assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
 
 
-def test_missing_source_and_bad_size_are_one_line_errors(pipe_and_artifact, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_source_and_bad_size_are_one_line_errors(
+    pipe_and_artifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, art = pipe_and_artifact
     manifest = json.loads((art / "manifest.json").read_text())
     manifest["source"].pop("path")

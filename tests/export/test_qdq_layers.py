@@ -41,19 +41,27 @@ class Toy(nn.Module):
         return self.d(h)
 
 
-PLAN = Plan([
-    LayerPlan("a", Segments("out", (16, 32)), False),
-    LayerPlan("b", Segments("in", (16, 16, 16)), True),
-    LayerPlan("c", Segments("out", (8, 24)), True),
-    LayerPlan("d", None, True),
-])
+PLAN = Plan(
+    [
+        LayerPlan("a", Segments("out", (16, 32)), False),
+        LayerPlan("b", Segments("in", (16, 16, 16)), True),
+        LayerPlan("c", Segments("out", (8, 24)), True),
+        LayerPlan("d", None, True),
+    ]
+)
 
-BASE = Recipe("toy", smooth=True, seg=True, dual=True, overrides=(
-    LayerOverride.from_dict({"pattern": "a", "smooth_scope": "segment"}),
-    LayerOverride.from_dict({"pattern": "b", "lowrank": 4}),
-    LayerOverride.from_dict({"pattern": "c", "smooth": False, "weight_granularity": "channel"}),
-    LayerOverride.from_dict({"pattern": "d", "weight": "int4", "weight_granularity": "channel"}),
-))
+BASE = Recipe(
+    "toy",
+    smooth=True,
+    seg=True,
+    dual=True,
+    overrides=(
+        LayerOverride.from_dict({"pattern": "a", "smooth_scope": "segment"}),
+        LayerOverride.from_dict({"pattern": "b", "lowrank": 4}),
+        LayerOverride.from_dict({"pattern": "c", "smooth": False, "weight_granularity": "channel"}),
+        LayerOverride.from_dict({"pattern": "d", "weight": "int4", "weight_granularity": "channel"}),
+    ),
+)
 
 
 def _toy(recipe: Recipe = BASE) -> tuple[Toy, dict[str, torch.Tensor]]:
@@ -162,8 +170,9 @@ def test_dynamic_activations_fail_readably_and_leave_nothing(tmp_path: Path) -> 
     assert rel(ort_output(out, kwargs), reference_output(model, kwargs)) < 1e-5
 
 
-def test_model_is_restored_and_failed_write_leaves_nothing(toy, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_is_restored_and_failed_write_leaves_nothing(
+    toy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, kwargs = toy
     before = {n: id(m) for n, m in model.named_modules()}
     with torch.no_grad():
@@ -194,8 +203,14 @@ def test_a_layer_called_twice_shares_its_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = Twice().eval()
     x = torch.randn(3, 16)
-    sq.quantize(model, "w8a8-segquant", [{"x": x}], plan=Plan([LayerPlan("shared", None, True)]),
-                rows_per_layer=32, progress=False)
+    sq.quantize(
+        model,
+        "w8a8-segquant",
+        [{"x": x}],
+        plan=Plan([LayerPlan("shared", None, True)]),
+        rows_per_layer=32,
+        progress=False,
+    )
     out = tmp_path / "twice.onnx"
     result = export_onnx(model, {"x": x}, out, exporter="torchscript")
     rep = result.layers["shared"]

@@ -17,10 +17,14 @@ import segquant_core as sq
 
 segquant_shapes = pytest.importorskip("segquant_shapes")
 
-PROMPTS = ["a small red circle in the top left on a blue background",
-           "a large green square in the center on a black background"]
-CALIB = ["a large yellow triangle in the bottom right on a white background",
-         "a small purple circle in the bottom left on an orange background"]
+PROMPTS = [
+    "a small red circle in the top left on a blue background",
+    "a large green square in the center on a black background",
+]
+CALIB = [
+    "a large yellow triangle in the bottom right on a white background",
+    "a small purple circle in the bottom left on an orange background",
+]
 
 
 def _image_digest(pipe) -> tuple[str, np.ndarray]:
@@ -51,8 +55,9 @@ def test_w8a8_segquant_pipeline_roundtrip_bit_exact_in_fresh_process(tmp_path: P
     pipe_dir = tmp_path / "pipe"
     pipe.save_pretrained(pipe_dir)
 
-    result = sq.quantize_pipeline(pipe, "w8a8-segquant", CALIB, num_inference_steps=4, steps_per_prompt=2,
-                                  guidance_scale=3.0, progress=False)
+    result = sq.quantize_pipeline(
+        pipe, "w8a8-segquant", CALIB, num_inference_steps=4, steps_per_prompt=2, guidance_scale=3.0, progress=False
+    )
     assert result.backends == {"cpu-onednn-int8": len(result.layers)}, result.backends
     summary = result.summary()
     assert summary["segmented_layers"] > 0 and summary["dual_scale_layers"] > 0
@@ -67,8 +72,13 @@ def test_w8a8_segquant_pipeline_roundtrip_bit_exact_in_fresh_process(tmp_path: P
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["calibration"]["samples"] == 4 and manifest["source"]["path"] == str(pipe_dir)
 
-    out = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT.format(prompts=PROMPTS), str(pipe_dir), str(art)],
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT.format(prompts=PROMPTS), str(pipe_dir), str(art)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     lines = out.stdout.strip().splitlines()
     assert lines[-2] == digest, "reloaded artifact does not reproduce the image bit-for-bit"
     assert lines[-1] == "cpu-onednn-int8"

@@ -17,9 +17,26 @@ def test_eval_tiny_model_reports_all_metrics(tmp_path: Path, capsys: pytest.Capt
     pipe_dir = tmp_path / "tiny"
     segquant_shapes.tiny_random_pipeline("mmdit", seed=0).save_pretrained(pipe_dir)
     out = tmp_path / "report"
-    rc = main(["eval", str(pipe_dir), "--variants", "fp,w8a8,w8a8-smooth:seg=on+dual=on", "--num-prompts", "2",
-               "--seeds", "0,1", "--steps", "3", "--calib-samples", "4", "--steps-per-prompt", "2",
-               "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            str(pipe_dir),
+            "--variants",
+            "fp,w8a8,w8a8-smooth:seg=on+dual=on",
+            "--num-prompts",
+            "2",
+            "--seeds",
+            "0,1",
+            "--steps",
+            "3",
+            "--calib-samples",
+            "4",
+            "--steps-per-prompt",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["eval_prompt_count"] == 2 and report["calibration_prompt_count"] == 2
@@ -58,8 +75,26 @@ def test_eval_leaves_prompts_the_analyser_cannot_read_unscored(tmp_path: Path) -
     unreadable = "a red circle on a white background"
     prompts.write_text(f"{readable}\n{unreadable}\n")
     out = tmp_path / "report"
-    rc = main(["eval", str(pipe_dir), "--variants", "fp,w8a8", "--prompts", str(prompts), "--seeds", "0",
-               "--steps", "2", "--calib-samples", "2", "--steps-per-prompt", "1", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            str(pipe_dir),
+            "--variants",
+            "fp,w8a8",
+            "--prompts",
+            str(prompts),
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--calib-samples",
+            "2",
+            "--steps-per-prompt",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["eval_prompts"] == [readable, unreadable]

@@ -18,15 +18,24 @@ CALIB = {"samples": 4, "num_inference_steps": 2, "steps_per_prompt": 2}
 
 
 @pytest.mark.parametrize("mode", ["closed", "open"])
-async def test_short_run_against_embedded_service(tmp_path: Path, mode: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+async def test_short_run_against_embedded_service(
+    tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = tiny_models("fp", {"name": "w8a8-segquant", "recipe": "w8a8-segquant", "calibration": CALIB})
     settings = make_settings(tmp_path, models=models)
     async with live_server(settings) as url:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
             await wait_ready(c)
-        cfg = LoadConfig(base_url=url, variants=["fp", "w8a8-segquant"], mode=mode, concurrency=2, rate=8.0,
-                         requests=6, duration=120, steps=2)
+        cfg = LoadConfig(
+            base_url=url,
+            variants=["fp", "w8a8-segquant"],
+            mode=mode,
+            concurrency=2,
+            rate=8.0,
+            requests=6,
+            duration=120,
+            steps=2,
+        )
         samples, wall = await run(cfg)
     rows = summarize(samples, wall)
     assert [r["variant"] for r in rows] == ["fp", "w8a8-segquant"]

@@ -58,9 +58,11 @@ class RedisServer:
     def start(self) -> RedisServer:
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not on PATH")
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while not reachable(self.url):
             if time.monotonic() > deadline:
@@ -78,8 +80,15 @@ class RedisServer:
 def tiny_models(*variants: str, steps: int = 2, **extra: Any) -> list[dict[str, Any]]:
     """A registry with the tiny random MMDiT (32x32 pixel space, sizes multiple of 2)."""
     variant_list: list[Any] = list(variants or ["fp"])
-    return [{"name": "tiny", "source": "tiny:mmdit", "variants": variant_list,
-             "defaults": {"num_inference_steps": steps, "guidance_scale": 3.0}, **extra}]
+    return [
+        {
+            "name": "tiny",
+            "source": "tiny:mmdit",
+            "variants": variant_list,
+            "defaults": {"num_inference_steps": steps, "guidance_scale": 3.0},
+            **extra,
+        }
+    ]
 
 
 def make_settings(tmp_path: Path, *, models: list[dict[str, Any]] | None = None, **overrides: Any) -> Settings:
@@ -106,8 +115,7 @@ async def live_server(settings: Settings) -> AsyncIterator[str]:
     from service.api.app import create_app
 
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on")
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
@@ -161,8 +169,13 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """Start ``python -m segquant_cli ARGS`` from the repository root (so ``service`` imports)."""
     # one thread per process: several workers and the test share two cores
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "segquant_cli", *args], cwd=ROOT, env=full_env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "segquant_cli", *args],
+        cwd=ROOT,
+        env=full_env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> int:
@@ -177,8 +190,9 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
     return int(proc.returncode)
 
 
-async def read_sse(client: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None,
-                   stop_after: str | None = None) -> list[tuple[str, dict[str, Any], str]]:
+async def read_sse(
+    client: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None, stop_after: str | None = None
+) -> list[tuple[str, dict[str, Any], str]]:
     """(event, data, id) of every server-sent event until the stream ends (or ``stop_after`` arrives)."""
     import json
 
@@ -190,8 +204,7 @@ async def read_sse(client: httpx.AsyncClient, path: str, headers: dict[str, str]
         async for line in r.aiter_lines():
             if not line:
                 if "data" in current:
-                    events.append((current.get("event", "message"), json.loads(current["data"]),
-                                   current.get("id", "")))
+                    events.append((current.get("event", "message"), json.loads(current["data"]), current.get("id", "")))
                     if stop_after is not None and events[-1][0] == stop_after:
                         return events
                 current = {}
@@ -221,15 +234,27 @@ OTHER = VariantKey("tiny", "w8")
 def make_job(variant: str = "fp", deadline_s: float | None = None, prompt: str = "a red circle") -> Job:
     """A queued job for the tiny model, as the API would build it."""
     now = time.time()
-    params = GenerationParams(prompt=prompt, model="tiny", variant=variant, width=32, height=32,
-                              num_inference_steps=2, guidance_scale=3.0, seeds=[1])
-    return Job(id=Job.new_id(), state=JobState.QUEUED, params=params, created_at=now,
-               deadline_at=None if deadline_s is None else now + deadline_s)
+    params = GenerationParams(
+        prompt=prompt,
+        model="tiny",
+        variant=variant,
+        width=32,
+        height=32,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        seeds=[1],
+    )
+    return Job(
+        id=Job.new_id(),
+        state=JobState.QUEUED,
+        params=params,
+        created_at=now,
+        deadline_at=None if deadline_s is None else now + deadline_s,
+    )
 
 
 def result() -> JobResult:
-    return JobResult(images=[], timings=Timings(queue_wait_s=0, inference_s=0, total_s=0), worker_id="w",
-                     batch_size=1)
+    return JobResult(images=[], timings=Timings(queue_wait_s=0, inference_s=0, total_s=0), worker_id="w", batch_size=1)
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:

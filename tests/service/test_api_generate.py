@@ -33,8 +33,9 @@ async def client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[http
 
 async def blocker(client: httpx.AsyncClient, steps: int = 100) -> str:
     """A long job that keeps the single worker busy until it is canceled; returns its id once running."""
-    r = await client.post("/jobs", json={"prompt": "busy", "num_inference_steps": steps, "seed": 0,
-                                         "debug": {"step_delay_s": 0.05}})
+    r = await client.post(
+        "/jobs", json={"prompt": "busy", "num_inference_steps": steps, "seed": 0, "debug": {"step_delay_s": 0.05}}
+    )
     job_id = r.json()["id"]
     await wait_state(client, job_id, {"running"})
     return job_id
@@ -60,8 +61,11 @@ async def test_random_seed_is_reported(client: httpx.AsyncClient) -> None:
 
 
 async def test_raw_image_with_accept_header(client: httpx.AsyncClient) -> None:
-    r = await client.post("/generate", json={"prompt": "a red circle", "seed": 5, "width": 16, "height": 24},
-                          headers={"Accept": "image/png"})
+    r = await client.post(
+        "/generate",
+        json={"prompt": "a red circle", "seed": 5, "width": 16, "height": 24},
+        headers={"Accept": "image/png"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.headers["X-Seed"] == "5" and r.headers["X-Job-Id"]
     assert Image.open(io.BytesIO(r.content)).size == (16, 24)
@@ -84,9 +88,21 @@ async def test_prefer_respond_async(client: httpx.AsyncClient) -> None:
 
 
 async def test_openai_images_api(client: httpx.AsyncClient) -> None:
-    r = await client.post("/v1/images/generations", json={
-        "prompt": "a green triangle", "n": 2, "size": "16x16", "response_format": "b64_json", "quality": "high",
-        "seed": 9, "steps": 3, "guidance": 2.0, "negative_prompt": "blurry", "variant": "fp"})
+    r = await client.post(
+        "/v1/images/generations",
+        json={
+            "prompt": "a green triangle",
+            "n": 2,
+            "size": "16x16",
+            "response_format": "b64_json",
+            "quality": "high",
+            "seed": 9,
+            "steps": 3,
+            "guidance": 2.0,
+            "negative_prompt": "blurry",
+            "variant": "fp",
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert isinstance(body["created"], int) and body["size"] == "16x16" and len(body["data"]) == 2
@@ -172,23 +188,24 @@ async def test_models_and_metrics(client: httpx.AsyncClient) -> None:
     assert fp["weight_bytes"] > 0 and fp["peak_memory_bytes"] > 0 and fp["memory_kind"] == "process_rss"
     assert fp["latency"]["samples"] >= 1 and fp["latency"]["inference_p95_s"] >= fp["latency"]["inference_p50_s"]
     text = (await client.get("/metrics")).text
-    for needle in ('segquant_inference_seconds_bucket{le="600.0",model="tiny",variant="fp"}',
-                   'segquant_queue_wait_seconds_count{model="tiny",variant="fp"}',
-                   'segquant_job_duration_seconds_count{model="tiny",variant="fp"}',
-                   'segquant_denoise_step_seconds_count{model="tiny",variant="fp"}',
-                   'segquant_batch_size_bucket{le="4.0",model="tiny",variant="fp"}',
-                   'segquant_request_duration_seconds_count{mode="sync",model="tiny",variant="fp"}',
-                   'segquant_model_load_seconds_count{model="tiny",variant="fp"}',
-                   'segquant_model_weight_bytes{model="tiny",variant="fp"}',
-                   'segquant_model_peak_memory_bytes{kind="process_rss",model="tiny",variant="fp"}',
-                   'segquant_variant_info{device="cpu",model="tiny",'
-                   f'precision="{CPU_PRECISION}",recipe="fp",variant="fp"}} 1.0',
-                   'segquant_jobs_finished_total{model="tiny",outcome="canceled",variant="fp"}',
-                   'segquant_jobs_submitted_total{model="tiny",variant="fp"}',
-                   'segquant_queue_depth{model="tiny",variant="fp"} 0.0',
-                   'segquant_images_generated_total{model="tiny",variant="fp"}',
-                   'segquant_http_requests_total{method="POST",route="/generate",status="200"}',
-                   'segquant_rejected_requests_total{reason="idempotency_conflict"}',
-                   "segquant_build_info{"):
+    for needle in (
+        'segquant_inference_seconds_bucket{le="600.0",model="tiny",variant="fp"}',
+        'segquant_queue_wait_seconds_count{model="tiny",variant="fp"}',
+        'segquant_job_duration_seconds_count{model="tiny",variant="fp"}',
+        'segquant_denoise_step_seconds_count{model="tiny",variant="fp"}',
+        'segquant_batch_size_bucket{le="4.0",model="tiny",variant="fp"}',
+        'segquant_request_duration_seconds_count{mode="sync",model="tiny",variant="fp"}',
+        'segquant_model_load_seconds_count{model="tiny",variant="fp"}',
+        'segquant_model_weight_bytes{model="tiny",variant="fp"}',
+        'segquant_model_peak_memory_bytes{kind="process_rss",model="tiny",variant="fp"}',
+        f'segquant_variant_info{{device="cpu",model="tiny",precision="{CPU_PRECISION}",recipe="fp",variant="fp"}} 1.0',
+        'segquant_jobs_finished_total{model="tiny",outcome="canceled",variant="fp"}',
+        'segquant_jobs_submitted_total{model="tiny",variant="fp"}',
+        'segquant_queue_depth{model="tiny",variant="fp"} 0.0',
+        'segquant_images_generated_total{model="tiny",variant="fp"}',
+        'segquant_http_requests_total{method="POST",route="/generate",status="200"}',
+        'segquant_rejected_requests_total{reason="idempotency_conflict"}',
+        "segquant_build_info{",
+    ):
         assert needle in text, needle
     assert not re.search(r"[0-9a-f]{32}", text) and "a red circle" not in text  # no job ids or prompts in labels

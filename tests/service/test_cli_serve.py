@@ -55,8 +55,9 @@ def root_logging() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("root_logging")
-def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from segquant_cli.main import main
 
     monkeypatch.delenv("SEGQUANT_REDIS_URL", raising=False)

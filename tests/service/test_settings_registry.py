@@ -58,12 +58,22 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
 
 def test_registry_file_short_and_long_forms(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
-    path.write_text(json.dumps({"models": [
-        {"name": "a", "source": "tiny:mmdit", "variants": ["fp", "w8a8-segquant"]},
-        {"name": "b", "source": "tiny:mmdit", "default_variant": "q",
-         "sizes": {"multiple_of": 16, "min": 16, "max": 64, "default": 32},
-         "variants": [{"name": "q", "recipe": "w8a8-segquant:dual=off", "calibration": {"samples": 4}}]},
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"name": "a", "source": "tiny:mmdit", "variants": ["fp", "w8a8-segquant"]},
+                    {
+                        "name": "b",
+                        "source": "tiny:mmdit",
+                        "default_variant": "q",
+                        "sizes": {"multiple_of": 16, "min": 16, "max": 64, "default": 32},
+                        "variants": [{"name": "q", "recipe": "w8a8-segquant:dual=off", "calibration": {"samples": 4}}],
+                    },
+                ]
+            }
+        )
+    )
     reg = Registry.from_file(path)
     assert reg.default_model.name == "a" and reg.model("a").default_variant == "fp"
     assert reg.model("b").variant(None).recipe == "w8a8-segquant:dual=off"

@@ -15,8 +15,11 @@ from service.registry import Registry
 from service.worker.engine import Engine, resolve_precision
 from tests.service.helpers import live_server, make_settings, tiny_models, wait_ready, wait_state
 
-QUANT = {"name": "w8a8-segquant", "recipe": "w8a8-segquant",
-         "calibration": {"samples": 2, "num_inference_steps": 2, "steps_per_prompt": 1}}
+QUANT = {
+    "name": "w8a8-segquant",
+    "recipe": "w8a8-segquant",
+    "calibration": {"samples": 2, "num_inference_steps": 2, "steps_per_prompt": 1},
+}
 
 
 def variant(models: dict, name: str) -> dict:
@@ -64,8 +67,15 @@ async def test_build_on_first_use_then_reuse(tmp_path: Path, caplog: pytest.LogC
 
     # a new process finds the artifact: no calibration, just a load
     caplog.clear()
-    (artifact / "eval.json").write_text(json.dumps({"model": "tiny", "seeds": [0, 1], "variants": [
-        {"variant": "fp", "psnr": 99.0}, {"variant": "w8a8-segquant", "psnr": 30.1, "ssim": 0.9}]}))
+    (artifact / "eval.json").write_text(
+        json.dumps(
+            {
+                "model": "tiny",
+                "seeds": [0, 1],
+                "variants": [{"variant": "fp", "psnr": 99.0}, {"variant": "w8a8-segquant", "psnr": 30.1, "ssim": 0.9}],
+            }
+        )
+    )
     async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=120) as c:
         await wait_ready(c)
         assert variant((await c.get("/models")).json(), "w8a8-segquant")["state"] == "available"
@@ -77,8 +87,15 @@ async def test_build_on_first_use_then_reuse(tmp_path: Path, caplog: pytest.LogC
 
 
 async def test_a_variant_that_cannot_load_fails_its_jobs(tmp_path: Path) -> None:
-    models = [*tiny_models(), {"name": "broken", "source": str(tmp_path / "missing-pipeline"), "variants": ["fp"],
-                               "sizes": {"multiple_of": 8, "min": 8, "max": 64, "default": 32}}]
+    models = [
+        *tiny_models(),
+        {
+            "name": "broken",
+            "source": str(tmp_path / "missing-pipeline"),
+            "variants": ["fp"],
+            "sizes": {"multiple_of": 8, "min": 8, "max": 64, "default": 32},
+        },
+    ]
     settings = make_settings(tmp_path, models=models)
     async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
         await wait_ready(c)  # the tiny model loaded; the broken one did not

@@ -21,9 +21,15 @@ CRASH_EXIT_CODE = 86
 
 
 def worker_settings(tmp_path: Path, redis_url: str, key_prefix: str, **queue: Any) -> Settings:
-    return make_settings(tmp_path, redis_url=redis_url, key_prefix=key_prefix, embedded_worker=False,
-                         debug_hooks=True, queue={"max_deliveries": 3, **queue},
-                         worker={"max_batch_size": 2, "drain_timeout_s": 60})
+    return make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        key_prefix=key_prefix,
+        embedded_worker=False,
+        debug_hooks=True,
+        queue={"max_deliveries": 3, **queue},
+        worker={"max_batch_size": 2, "drain_timeout_s": 60},
+    )
 
 
 def start_worker(tmp_path: Path, config: Path, name: str, port: int | None = None) -> subprocess.Popen[bytes]:
@@ -33,8 +39,9 @@ def start_worker(tmp_path: Path, config: Path, name: str, port: int | None = Non
     return spawn(args, tmp_path / f"{name}.log")
 
 
-async def wait_workers(c: httpx.AsyncClient, names: set[str], procs: list[subprocess.Popen[bytes]],
-                       timeout: float = 120) -> None:
+async def wait_workers(
+    c: httpx.AsyncClient, names: set[str], procs: list[subprocess.Popen[bytes]], timeout: float = 120
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         body = (await c.get("/readyz")).json()
@@ -46,8 +53,7 @@ async def wait_workers(c: httpx.AsyncClient, names: set[str], procs: list[subpro
         await asyncio.sleep(0.2)
 
 
-async def test_killed_worker_loses_nothing_and_drain_finishes(tmp_path: Path, redis_url: str,
-                                                              key_prefix: str) -> None:
+async def test_killed_worker_loses_nothing_and_drain_finishes(tmp_path: Path, redis_url: str, key_prefix: str) -> None:
     settings = worker_settings(tmp_path, redis_url, key_prefix)
     config = write_config(tmp_path / "worker.json", settings)
     port_b = free_port()
@@ -57,13 +63,24 @@ async def test_killed_worker_loses_nothing_and_drain_finishes(tmp_path: Path, re
         async with live_server(settings) as url, httpx.AsyncClient(base_url=url, timeout=60) as c:
             await wait_workers(c, {"wA", "wB"}, [a, b])
             slow = {"num_inference_steps": 12, "debug": {"step_delay_s": 0.05}}  # ~0.6 s per job
-            ids = [(await c.post("/jobs", json={"prompt": f"shape {i}", "seed": i, **slow})).json()["id"]
-                   for i in range(20)]
+            ids = [
+                (await c.post("/jobs", json={"prompt": f"shape {i}", "seed": i, **slow})).json()["id"]
+                for i in range(20)
+            ]
             victim = None
             for _ in range(600):  # catch worker A in the middle of a job, then kill it
                 jobs = [r.json() for r in await asyncio.gather(*(c.get(f"/jobs/{i}") for i in ids))]
-                victim = next((j["id"] for j in jobs if j["state"] == "running" and j["worker_id"] == "wA"
-                               and j["progress"] and j["progress"]["step"] <= 6), None)
+                victim = next(
+                    (
+                        j["id"]
+                        for j in jobs
+                        if j["state"] == "running"
+                        and j["worker_id"] == "wA"
+                        and j["progress"]
+                        and j["progress"]["step"] <= 6
+                    ),
+                    None,
+                )
                 if victim:
                     break
                 await asyncio.sleep(0.02)
@@ -85,8 +102,11 @@ async def test_killed_worker_loses_nothing_and_drain_finishes(tmp_path: Path, re
             assert 'segquant_inference_seconds_count{model="tiny",variant="fp"}' in metrics
 
             # SIGTERM while a job runs: the worker finishes it, then exits cleanly
-            long_id = (await c.post("/jobs", json={"prompt": "long", "num_inference_steps": 40,
-                                                   "debug": {"step_delay_s": 0.05}})).json()["id"]
+            long_id = (
+                await c.post(
+                    "/jobs", json={"prompt": "long", "num_inference_steps": 40, "debug": {"step_delay_s": 0.05}}
+                )
+            ).json()["id"]
             running = await wait_state(c, long_id, {"running"})
             b.send_signal(signal.SIGTERM)
             assert running["progress"] is None or running["progress"]["step"] < 40
@@ -99,8 +119,9 @@ async def test_killed_worker_loses_nothing_and_drain_finishes(tmp_path: Path, re
         stop(b, signal.SIGKILL)
 
 
-async def test_a_job_that_always_crashes_its_worker_is_dead_lettered(tmp_path: Path, redis_url: str,
-                                                                     key_prefix: str) -> None:
+async def test_a_job_that_always_crashes_its_worker_is_dead_lettered(
+    tmp_path: Path, redis_url: str, key_prefix: str
+) -> None:
     settings = worker_settings(tmp_path, redis_url, key_prefix, max_deliveries=1)
     config = write_config(tmp_path / "worker.json", settings)
     procs = {name: start_worker(tmp_path, config, name) for name in ("w1", "w2")}

@@ -16,8 +16,16 @@ def test_shipped_pipeline_offline(name: str, monkeypatch: pytest.MonkeyPatch) ->
     if not (path / "model_index.json").exists():
         pytest.skip(f"shipped {name} weights not exported yet ({path}); run segquant_shapes.export")
     files = {p.name for p in path.iterdir()}
-    assert files <= {"model_index.json", "scheduler", "transformer", "unet", "MODEL_CARD.md", "training.json",
-                     "variants", "loras"}  # variants/: shipped quantized checkpoints; loras/: shipped adapters
+    assert files <= {
+        "model_index.json",
+        "scheduler",
+        "transformer",
+        "unet",
+        "MODEL_CARD.md",
+        "training.json",
+        "variants",
+        "loras",
+    }  # variants/: shipped quantized checkpoints; loras/: shipped adapters
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     assert size < 40e6
 

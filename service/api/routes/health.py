@@ -39,7 +39,12 @@ async def readyz(state: StateDep) -> JSONResponse:
     capacity = state.settings.queue.max_depth
     if depth is not None and depth >= capacity:
         problems.append(f"the queue is full ({depth}/{capacity})")
-    body = {"status": "ready" if not problems else "not_ready", "problems": problems,
-            "workers": [{"id": w.id, "state": w.state, "loaded": w.loaded} for w in workers],
-            "queue_depth": depth, "queue_capacity": capacity, "mode": "embedded" if state.runner else "redis"}
+    body = {
+        "status": "ready" if not problems else "not_ready",
+        "problems": problems,
+        "workers": [{"id": w.id, "state": w.state, "loaded": w.loaded} for w in workers],
+        "queue_depth": depth,
+        "queue_capacity": capacity,
+        "mode": "embedded" if state.runner else "redis",
+    }
     return JSONResponse(body, status_code=200 if not problems else 503)
