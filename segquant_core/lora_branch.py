@@ -15,7 +15,9 @@ calls, whatever the number of active adapters:
 The branch runs in the input's dtype (bf16 with a bf16 model), on the raw input the layer receives.
 Sharing is checked on every call (same tensor object, same version); a group whose members turn out to
 see different inputs (a cross-attention ``to_k`` reads the text, ``to_q`` the image) stops sharing for
-good, so the grouping by name is only ever a speed guess, never a correctness one.
+good, so the grouping by name is only ever a speed guess, never a correctness one. Under ``torch.compile`` the
+same sharing is traced by tensor identity within the graph (no version counters), so an adapted denoiser
+still compiles as one graph with one stacked down GEMM per sibling group.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class LayerSlot:
         self.down: torch.Tensor | None = None  # [R, in], active adapters stacked
         self.up_t: torch.Tensor | None = None  # [R, out], each adapter's scale · alpha/r folded in
         self.group: SharedDown | None = None
+        self.span: tuple[int, int] = (0, 0)  # this layer's columns in its group's stacked down GEMM
         self._cast: dict[_Key, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -106,6 +109,9 @@ class SharedDown:
         self._clear()
 
     def _clear(self) -> None:
+        self._traced_x: torch.Tensor | None = None  # the same cache as traced by Dynamo (see _project_traced)
+        self._traced_xa: torch.Tensor | None = None
+        self._traced_left = 0
         self._x: torch.Tensor | None = None
         self._version = -1
         self._xa: torch.Tensor | None = None
@@ -119,7 +125,7 @@ class SharedDown:
         self._down = torch.cat([m.down for m in live], 0) if len(live) > 1 else None  # type: ignore[misc]
         self._spans, lo = {}, 0
         for m in live:
-            self._spans[id(m)] = (lo, lo + m.rank)
+            self._spans[id(m)] = m.span = (lo, lo + m.rank)
             lo += m.rank
 
     def shares(self, slot: LayerSlot) -> bool:
@@ -130,6 +136,8 @@ class SharedDown:
         """``x A_slotᵀ``, from the group's shared GEMM when the siblings see this same ``x``."""
         if not self.shared or self._down is None:
             return slot.project(x)
+        if torch.compiler.is_compiling():
+            return self._project_traced(slot, x)
         me = id(slot)
         if not (self._x is x and self._version == x._version and me in self._pending):
             if self._pending:  # a sibling is still waiting for the previous input: inputs differ
@@ -148,6 +156,24 @@ class SharedDown:
         self._pending.discard(me)
         if not self._pending:
             self._clear()
+        return xa
+
+    def _project_traced(self, slot: LayerSlot, x: torch.Tensor) -> torch.Tensor:
+        """The sharing as Dynamo can trace it: tensor identity within one graph (no version counters, no
+        ``id()``). The last member's call clears the cache, so nothing outlives the graph and no guard
+        changes between calls; siblings that turn out to see different inputs stop sharing (one recompile)."""
+        lo, hi = slot.span
+        if self._traced_x is not x:
+            if self._traced_left:  # a sibling still waits for the previous input: inputs differ
+                self.shared = False
+                self._clear()
+                return slot.project(x)
+            self._traced_x, self._traced_left = x, len(self._spans)
+            self._traced_xa = F.linear(x, self._down.to(x.device, x.dtype))  # type: ignore[union-attr]
+        xa = self._traced_xa[..., lo:hi]  # type: ignore[index]
+        self._traced_left -= 1
+        if not self._traced_left:
+            self._traced_x = self._traced_xa = None
         return xa
 
 

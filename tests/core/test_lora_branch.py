@@ -112,6 +112,43 @@ def test_siblings_that_read_different_inputs_stop_sharing_and_stay_exact(tmp_pat
         torch.testing.assert_close(attn(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_branch_is_one_graph_and_shares_like_eager(tmp_path):
+    """Under ``torch.compile`` (fullgraph) the sharing is traced by tensor identity: the graph holds one
+    stacked down GEMM per sibling group, and the outputs are bit-identical to eager. Cross-attention siblings
+    (different inputs) stop sharing in the trace too and stay exact."""
+    block = joint_block()
+    random_adapter(block, tmp_path / "a.safetensors")
+    sq.load_lora(block, tmp_path / "a.safetensors", "a")
+    seen: list[tuple[int, ...]] = []
+
+    def recording(gm, example_inputs):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is torch._C._nn.linear:
+                seen.append(tuple(n.args[1].meta["example_value"].shape))
+        return gm.forward
+
+    call = block_call(1)
+    with torch.no_grad():
+        eager = block(**call)
+        torch._dynamo.reset()
+        compiled = torch.compile(block, fullgraph=True, backend=recording)(**call)
+    for c, e in zip(compiled, eager):
+        assert torch.equal(c, e)
+    assert seen.count((3 * RANK, DIM)) == 2  # one stacked down projection per stream
+    assert shared_down_groups(block) != []
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=DIM, cross_attention_dim=DIM, heads=2, dim_head=16).eval()
+    random_adapter(attn, tmp_path / "x.safetensors")
+    sq.load_lora(attn, tmp_path / "x.safetensors", "x")
+    x, ctx = torch.randn(2, 6, DIM, generator=gen(5)), torch.randn(2, 4, DIM, generator=gen(6))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled_cross = torch.compile(attn, fullgraph=True, backend="aot_eager")(x, ctx)
+        assert shared_down_groups(attn) == []
+        torch.testing.assert_close(compiled_cross, attn(x, ctx), rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_block_runs_the_branch_in_bf16_in_place(tmp_path):
     block = joint_block()
     pairs = random_adapter(block, tmp_path / "a.safetensors")
