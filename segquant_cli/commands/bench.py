@@ -79,6 +79,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also time every variant, fp included, under torch.compile (+compiled candidates)",
     )
     pp.add_argument(
+        "--checkpoints",
+        default="auto",
+        help="folder of prebuilt variant checkpoints (<dir>/<variant>) loaded instead of calibrating; "
+        "'auto' (default): the shipped model's own variants/ for shipped:NAME, 'none': calibrate every variant",
+    )
+    pp.add_argument(
         "--precision",
         default="float32",
         choices=["float32", "bfloat16"],
@@ -223,6 +229,9 @@ def run(args: argparse.Namespace) -> int:
         memory_cmd = (
             [sys.executable, "-m", "segquant_cli", "bench", "memory-probe", args.model] if args.memory else None
         )
+        checkpoints = _prebuilt_checkpoints(args.model, args.checkpoints, variants)
+        if checkpoints:
+            say("prebuilt checkpoints: " + ", ".join(f"{v} ({p})" for v, p in checkpoints.items()))
         rows = run_pipeline_bench(
             lambda: load_pipeline(args.model),
             variants,
@@ -236,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             progress=say,
             dtype=getattr(torch, args.precision),
             compiled=args.compile,
+            checkpoints=checkpoints,
         )
         title = (
             f"bench pipeline — {args.model}, {args.precision}, {env['cpu']}, {env['threads']} threads, "
@@ -370,3 +380,20 @@ def _quantize_rows(args: argparse.Namespace, env: dict, say) -> tuple[list[dict]
     title = f"bench quantize — {args.model}, {env['cpu']}, {env['threads']} threads, torch {env['torch']}"
     columns = ["recipe", "mode", "samples", "median_s", "vs_whole_model", "rounds", "alpha_same", "codes_identical"]
     return rows, title, columns
+
+
+def _prebuilt_checkpoints(model: str, choice: str, variants: list[str]) -> dict[str, Path]:
+    """The variants of ``bench pipeline`` that load a checkpoint instead of being calibrated (see --checkpoints)."""
+    if choice == "none":
+        return {}
+    if choice == "auto":
+        if not model.startswith("shipped:"):
+            return {}
+        from segquant_cli.shipped_checkpoints import variants_dir
+
+        root = variants_dir(model.removeprefix("shipped:"))
+    else:
+        root = Path(choice)
+        if not root.is_dir():
+            raise CLIError(f"--checkpoints: {choice} is not a folder")
+    return {v: root / v for v in variants if v != "fp" and (root / v / "manifest.json").is_file()}

@@ -55,6 +55,7 @@ def run_pipeline_bench(
     progress: Callable[[str], None] | None = None,
     dtype: torch.dtype = torch.float32,
     compiled: bool = False,
+    checkpoints: dict[str, Path] | None = None,
 ) -> list[dict[str, object]]:
     """Rows per variant: s/image, s/step, speed-up vs fp, denoiser resident bytes (kernels included), peak
     memory (if measured, in a fresh process per variant that loads the variant's checkpoint as the worker
@@ -63,7 +64,9 @@ def run_pipeline_bench(
     ``dtype``: the precision of the float parts (``fp``'s weights, every variant's norms and attention);
     variants are calibrated in fp32 first. ``compiled``: every variant, ``fp`` included, is also timed under
     ``torch.compile`` (``<name>+compiled``, its checkpoint loaded into a fresh pipeline as the worker does),
-    with ``compile_s`` = its first call minus its median; ``vs_fp_compiled`` compares it with compiled ``fp``."""
+    with ``compile_s`` = its first call minus its median; ``vs_fp_compiled`` compares it with compiled ``fp``.
+    ``checkpoints``: variants with a checkpoint already built (e.g. a shipped model's ``variants/``) load it as
+    the worker does instead of being calibrated here: what is timed is then exactly what is served."""
     names = ["fp", *[v for v in variants if v != "fp"]]
     pipes: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="segquant-bench-"))
@@ -75,7 +78,10 @@ def run_pipeline_bench(
             pipe = pipe.to(device)
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-        if name != "fp":
+        prebuilt = (checkpoints or {}).get(name)
+        if prebuilt is not None:
+            replace_denoiser(pipe, load_denoiser(prebuilt, device=torch.device(device)))
+        elif name != "fp":
             quantize_pipeline(
                 pipe,
                 name,
@@ -89,14 +95,13 @@ def run_pipeline_bench(
         if dtype != torch.float32:
             pipe = pipe.to(dtype)
         pipes[name] = pipe
+    artifacts = {n: (checkpoints or {}).get(n, workdir / n.replace(":", "_")) for n in names if n != "fp"}
     first_call: dict[str, float] = {}
     if compiled:
         for name in names:
             if progress:
                 progress(f"compiling {name}")
-            pipes[f"{name}+compiled"] = _compiled_pipeline(
-                load_pipeline, None if name == "fp" else workdir / name.replace(":", "_"), device, dtype
-            )
+            pipes[f"{name}+compiled"] = _compiled_pipeline(load_pipeline, artifacts.get(name), device, dtype)
 
     def make(pipe: Any) -> Callable[[], object]:
         def call() -> object:
@@ -136,17 +141,23 @@ def run_pipeline_bench(
             "denoiser_bytes": resident_bytes(denoiser_of(pipes[name])),
             "rounds": len(t.samples),
             "precision": str(dtype).removeprefix("torch."),
+            "checkpoint": _origin(name.removesuffix("+compiled"), checkpoints or {}),
         }
         if fp_compiled is not None and name.endswith("+compiled"):
             row["vs_fp_compiled"] = round(fp_compiled / t.median_s, 3)
             row["compile_s"] = round(first_call[name] - t.median_s, 1)
         if memory_cmd is not None and not name.endswith("+compiled"):
-            art = workdir / name.replace(":", "_")
             row["peak_memory_bytes"] = measure_peak_memory(
-                memory_cmd, art if name != "fp" else None, prompt, batch, steps, guidance_scale, device
+                memory_cmd, artifacts.get(name), prompt, batch, steps, guidance_scale, device
             )
         rows.append(row)
     return rows
+
+
+def _origin(variant: str, checkpoints: dict[str, Path]) -> str:
+    if variant == "fp":
+        return "float"
+    return "prebuilt" if variant in checkpoints else "calibrated here"
 
 
 # Issue 15's pipeline targets: speed-up of each quantized variant over fp in the same mode (eager vs eager fp,
