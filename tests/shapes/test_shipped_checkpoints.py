@@ -4,6 +4,7 @@ are what the embedded default serves. Rebuild them with ``python -m segquant_cli
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ REBUILD = "rebuild with: python -m segquant_cli.shipped_checkpoints"
 def test_shipped_checkpoint_is_current(model, recipe):
     status = shipped.status(model, recipe)
     assert status, f"{model}/{recipe}: {status.reason}; {REBUILD}"
+
+
+@pytest.mark.parametrize("model,recipe", CASES)
+def test_shipped_checkpoint_was_built_with_todays_detection(model, recipe):
+    """The staleness check above does not run detection (a worker would need the float model and a forward pass
+    for it); here the checkpoint's recorded plan must equal the golden plan, which tests/detect checks against
+    today's detection, so a detection-only change cannot leave the shipped checkpoints behind unnoticed."""
+    golden = Path(__file__).parents[1] / "detect" / "golden" / f"shipped_{model}.json"
+    manifest = json.loads((shipped.checkpoint_dir(model, recipe) / "manifest.json").read_text())
+    assert manifest["plan"] == json.loads(golden.read_text()), f"{model}/{recipe}: built with another plan; {REBUILD}"
 
 
 def test_check_command_takes_one_model_and_recipe(capsys):
