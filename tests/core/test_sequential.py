@@ -22,6 +22,7 @@ from segquant_core.calibrate.blocks import execution_order, find_units
 from segquant_core.calibrate.input_store import InputStore
 from segquant_core.calibrate.observer import InputObserver
 from segquant_core.calibrate.sequential import UnitRunsAgain, run_sequential
+from tests.detect.detect_tiny_models import tiny_flux as tiny_flux_model
 
 from .conftest import SEG_LAYERS, SegToy, TinyPipeline, gen, seg_calls, seg_plan
 
@@ -98,19 +99,7 @@ def unet_calls(n: int = 4) -> list[dict[str, Any]]:
 
 
 def tiny_flux() -> FluxTransformer2DModel:
-    torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return tiny_flux_model(num_single_layers=2)
 
 
 def flux_calls(n: int = 4) -> list[dict[str, Any]]:

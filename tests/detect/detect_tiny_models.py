@@ -27,14 +27,15 @@ def tiny_sd3() -> SD3Transformer2DModel:
     ).eval()
 
 
-def tiny_flux() -> FluxTransformer2DModel:
-    """One double and one single block, guidance embedder; inner dim 32 = 2 heads × 16 (rope axes 4+6+6)."""
+def tiny_flux(num_single_layers: int = 1) -> FluxTransformer2DModel:
+    """One double and ``num_single_layers`` single blocks, guidance embedder; inner dim 32 = 2 heads × 16 (rope
+    axes 4+6+6). The one tiny Flux config of the test suite (detection, export, sequential calibration)."""
     torch.manual_seed(0)
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
         num_layers=1,
-        num_single_layers=1,
+        num_single_layers=num_single_layers,
         attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=32,

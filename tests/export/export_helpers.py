@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel
+from diffusers import PixArtTransformer2DModel
 from torch import nn
 
 import segquant_core as sq
 from segquant_core.backends.reference import ReferenceBackend
 from segquant_core.detect import example_inputs_for
 from segquant_core.export.exporter import flatten_inputs
+from tests.detect.detect_tiny_models import tiny_flux
 
 KINDS = ("mmdit", "unet", "flux", "pixart")
 ROWS = 128  # calibration rows per layer: plenty for tiny layers, keeps the α search quick
@@ -38,18 +39,7 @@ def tiny_model(kind: str) -> nn.Module:
         pipe = segquant_shapes.tiny_random_pipeline(kind, seed=0)
         return sq.denoiser_of(pipe).eval()
     if kind == "flux":
-        return FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            num_layers=1,
-            num_single_layers=1,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ).eval()
+        return tiny_flux()
     if kind == "pixart":
         return PixArtTransformer2DModel(
             num_attention_heads=2,
