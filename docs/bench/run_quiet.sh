@@ -9,7 +9,7 @@ mkdir -p "$OUT"
 step() {
   local name=$1; shift
   echo "== $(date -u +%H:%M:%S) $name — load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/quiet-run.log"
-  "$@" 2>&1 | tee "$OUT/$name.log"
+  "$@" 2>&1 | tee "$OUT/$name.log" || echo "== $name FAILED (exit $?)" | tee -a "$OUT/quiet-run.log"
   echo "== $(date -u +%H:%M:%S) $name done — load: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/quiet-run.log"
 }
 # 1. every layer shape of the targets, against PT2E and OpenVINO INT8 (includes the exact and folded per-head forms)
