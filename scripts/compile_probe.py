@@ -30,7 +30,9 @@ def main(batch: int, dtype: torch.dtype, rounds: int) -> None:
     pipe.set_progress_bar_config(disable=True)
     den = denoiser_of(pipe)
     captured: dict[str, dict] = {}
-    hook = den.register_forward_pre_hook(lambda m, a, kw: captured.setdefault("kw", dict(kw)), with_kwargs=True)
+    hook = den.register_forward_pre_hook(
+        lambda m, a, kw: captured.setdefault("kw", dict(kw)) and None, with_kwargs=True
+    )
     with torch.no_grad():
         pipe(["a red circle"] * batch, num_inference_steps=1, guidance_scale=3.0, output_type="np")
     hook.remove()
