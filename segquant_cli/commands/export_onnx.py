@@ -54,6 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run the graph with ONNX Runtime: relative error vs our reference backend, latencies",
     )
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per side for --check (default 10)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --check: also time our denoiser under torch.compile against ONNX Runtime",
+    )
     p.add_argument("--tolerance", type=float, default=1e-2, help="max relative error for --check (default 1e-2)")
     p.add_argument("--threads", type=int, help="intra-op threads for both sides of --check (default: torch's)")
     p.add_argument("--json", help="also write the export (and check) summary as JSON here")
@@ -92,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--batch must be ≥ 1")
     if args.rounds < 1:
         raise CLIError("--rounds must be ≥ 1")
+    if args.compile and not args.check:
+        raise CLIError("--compile needs --check (it times the compiled denoiser against ONNX Runtime)")
     if args.threads is not None and args.threads < 1:
         raise CLIError("--threads must be ≥ 1")
     height, width = parse_size(args.example_size)
@@ -131,7 +138,15 @@ def run(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"export": s}
     status = 0
     if args.check:
-        rep = check_onnx(model, kwargs, result.path, rounds=args.rounds, tolerance=args.tolerance, threads=args.threads)
+        rep = check_onnx(
+            model,
+            kwargs,
+            result.path,
+            rounds=args.rounds,
+            tolerance=args.tolerance,
+            threads=args.threads,
+            compile=args.compile,
+        )
         print(f"check (ONNX Runtime {rep.ort_version}, {rep.provider}, threads: {rep.threads}):")
         print(
             f"  rel. error vs reference backend: {rep.rel_error:.3e} (tolerance {rep.tolerance:g}) "
@@ -146,6 +161,11 @@ def run(args: argparse.Namespace) -> int:
             f"  latency, median of {rep.rounds} alternating rounds: ONNX Runtime {rep.ort_ms:.2f} ms, "
             f"segquant ({backends}) {rep.backend_ms:.2f} ms, ratio {rep.backend_ms / rep.ort_ms:.2f}×"
         )
+        if rep.compiled_ms is not None:
+            print(
+                f"  compiled: segquant {rep.compiled_ms:.2f} ms, ratio {rep.compiled_ms / rep.ort_ms:.2f}× "
+                f"(compiled vs eager output {rep.compiled_vs_backend:.1e})"
+            )
         out["check"] = rep.to_dict()
         if not rep.passed:
             print(f"segquant: check failed: relative error {rep.rel_error:.3e} ≥ {rep.tolerance:g}", file=sys.stderr)

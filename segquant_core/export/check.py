@@ -43,6 +43,8 @@ class CheckReport:
     backends: dict[str, int]
     ort_version: str
     provider: str
+    compiled_ms: float | None = None  # our backend under torch.compile, alternated with ORT (compile=True)
+    compiled_vs_backend: float | None = None  # compiled vs eager output of our backend (rounding level)
 
     @property
     def passed(self) -> bool:
@@ -86,11 +88,14 @@ def check_onnx(
     tolerance: float = DEFAULT_TOLERANCE,
     threads: int | None = None,
     backend: str = "auto",
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> CheckReport:
     """Compare the ONNX graph at ``onnx_path`` with ``model`` (quantized, SegLinear layers) on ``example_kwargs``.
 
-    ``threads`` defaults to torch's intra-op thread count, used for both sides. The model's backends are
-    restored afterwards.
+    ``threads`` defaults to torch's intra-op thread count, used for both sides. ``compile``: also time our
+    backend under ``torch.compile`` (a second alternation against ORT; the model is uncompiled afterwards), since
+    the compiled denoiser is our native path too. The model's backends are restored afterwards.
     """
     import onnxruntime as ort
 
@@ -132,15 +137,19 @@ def check_onnx(
 
             run_ort()
             run_backend()
-            ort_times: list[float] = []
-            backend_times: list[float] = []
-            for r in range(rounds):  # alternate who goes first so drifting load is shared
-                if r % 2:
-                    backend_times.append(run_backend())
-                    ort_times.append(run_ort())
-                else:
-                    ort_times.append(run_ort())
-                    backend_times.append(run_backend())
+            ort_times, backend_times = _alternate(run_ort, run_backend, rounds)
+            compiled_ms = compiled_vs_backend = None
+            if compile:
+                from segquant_core.compile import compile_denoiser, uncompile
+
+                compile_denoiser(model, example_kwargs=example_kwargs, backend=compile_backend)
+                try:
+                    y_compiled = _first(model(**example_kwargs)).float().numpy()
+                    compiled_vs_backend = rel_error(y_compiled, y_backend)
+                    compiled_times = _alternate(run_ort, run_backend, rounds)[1]
+                    compiled_ms = statistics.median(compiled_times) * 1e3
+                finally:
+                    uncompile(model)
     finally:
         torch.set_num_threads(old_threads)
         for m, b in zip(layers, saved):
@@ -158,7 +167,24 @@ def check_onnx(
         backends=tally,
         ort_version=ort.__version__,
         provider="CPUExecutionProvider",
+        compiled_ms=compiled_ms,
+        compiled_vs_backend=compiled_vs_backend,
     )
+
+
+def _alternate(first: Any, second: Any, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``first()`` and ``second()`` over ``rounds``, alternating who goes first (drifting load is
+    shared)."""
+    a: list[float] = []
+    b: list[float] = []
+    for r in range(rounds):
+        if r % 2:
+            b.append(second())
+            a.append(first())
+        else:
+            a.append(first())
+            b.append(second())
+    return a, b
 
 
 __all__ = ["DEFAULT_TOLERANCE", "CheckReport", "check_onnx", "ort_session", "rel_error"]

@@ -99,3 +99,30 @@ def test_missing_source_and_bad_size_are_one_line_errors(
     assert main(["export-onnx", str(art), "--out", str(tmp_path / "m.onnx"), "--example-size", "big"]) == 2
     assert "HxW" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_check_times_the_compiled_denoiser_too(pipe_and_artifact, tmp_path: Path) -> None:
+    """``check_onnx(compile=True)``: a second alternation against ORT with our denoiser compiled (``aot_eager``
+    here: the same graph Inductor gets, without C++ codegen); outputs equal eager; the model is eager again."""
+    from segquant_core.compile import is_compiled
+    from segquant_core.export import check_onnx, export_onnx
+
+    pipe_dir, art = pipe_and_artifact
+    model = sq.denoiser_of(segquant_shapes.load_pipeline(pipe_dir))
+    sq.load(art, model)
+    kwargs = example_inputs_for(model.eval(), height=8, width=8)
+    result = export_onnx(model, kwargs, tmp_path / "m.onnx", exporter="torchscript")
+    rep = check_onnx(model, kwargs, result.path, rounds=2, compile=True, compile_backend="aot_eager")
+    assert rep.passed and rep.compiled_ms is not None and rep.compiled_ms > 0
+    assert rep.compiled_vs_backend is not None and rep.compiled_vs_backend < 1e-5
+    assert not is_compiled(model)
+    assert rep.to_dict()["compiled_ms"] == rep.compiled_ms
+
+
+def test_compile_without_check_is_a_one_line_error(
+    pipe_and_artifact, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, art = pipe_and_artifact
+    assert main(["export-onnx", str(art), "--out", str(tmp_path / "m.onnx"), "--compile"]) == 2
+    assert "--compile needs --check" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
