@@ -23,6 +23,7 @@ from segquant_core.calibrate.input_store import InputStore
 from segquant_core.calibrate.observer import InputObserver
 from segquant_core.calibrate.sequential import UnitRunsAgain, run_sequential
 from tests.detect.detect_tiny_models import tiny_flux as tiny_flux_model
+from tests.detect.detect_tiny_models import tiny_sdxl_unet
 
 from .conftest import SEG_LAYERS, SegToy, TinyPipeline, gen, seg_calls, seg_plan
 
@@ -62,24 +63,7 @@ def sd3_calls(n: int = 4) -> list[dict[str, Any]]:
 
 def tiny_unet() -> UNet2DConditionModel:
     """SDXL-like: down/mid/up blocks with skips, GEGLU, text_time added conditions."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1),
-        norm_num_groups=8,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
-    ).eval()
+    return tiny_sdxl_unet(sample_size=8, attention_layers=1)
 
 
 def unet_calls(n: int = 4) -> list[dict[str, Any]]:

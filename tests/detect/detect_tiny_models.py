@@ -61,12 +61,13 @@ def tiny_pixart() -> PixArtTransformer2DModel:
     ).eval()
 
 
-def tiny_sdxl_unet() -> UNet2DConditionModel:
+def tiny_sdxl_unet(sample_size: int = 16, attention_layers: int = 2) -> UNet2DConditionModel:
     """SDXL-like: GEGLU feed-forwards, linear projections, cross-attention, text_time added conditions
-    (text_embeds 32 | 6 time ids × 8) and 2 transformer layers in the attention block."""
+    (text_embeds 32 | 6 time ids × 8) and ``attention_layers`` transformer layers in the attention block. The
+    one tiny SDXL-style config of the test suite (detection, sequential calibration, compile)."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         block_out_channels=(16, 32),
@@ -75,7 +76,7 @@ def tiny_sdxl_unet() -> UNet2DConditionModel:
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2),
+        transformer_layers_per_block=(1, attention_layers),
         norm_num_groups=8,
         use_linear_projection=True,
         addition_embed_type="text_time",
