@@ -13,6 +13,10 @@ PEERS_HELP = (
     "comma-separated CPU peers timed in the same run: pt2e (torchao X86InductorQuantizer + Inductor "
     "freezing), openvino (NNCF INT8, linears only); needs the 'peers' extra"
 )
+PIPELINE_PEERS_HELP = (
+    "comma-separated CPU peers run inside the same pipeline and timing loop: pt2e, openvino (each builds its "
+    "int8 denoiser from the float one, calibrated on our calibration calls); needs the 'peers' extra"
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,6 +88,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="folder of prebuilt variant checkpoints (<dir>/<variant>) loaded instead of calibrating; "
         "'auto' (default): the shipped model's own variants/ for shipped:NAME, 'none': calibrate every variant",
     )
+    pp.add_argument("--peers", default="", help=PIPELINE_PEERS_HELP)
     pp.add_argument(
         "--precision",
         default="float32",
@@ -246,14 +251,18 @@ def run(args: argparse.Namespace) -> int:
             dtype=getattr(torch, args.precision),
             compiled=args.compile,
             checkpoints=checkpoints,
+            peers=peers,
         )
         title = (
             f"bench pipeline — {args.model}, {args.precision}, {env['cpu']}, {env['threads']} threads, "
             f"torch {env['torch']}"
         )
-        columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "denoiser_bytes", "peak_memory_bytes"]
+        columns = ["variant", "s_per_image", "s_per_step", "vs_fp", "psnr_vs_fp_db", "denoiser_bytes"]
+        columns += ["peak_memory_bytes"] if args.memory else []
         if args.compile:
             columns[4:4] = ["vs_fp_compiled", "compile_s"]
+        if peers:
+            columns.append("build_s")
     elif args.level == "quantize":
         rows, title, columns = _quantize_rows(args, env, say)
     elif args.level == "memory":

@@ -10,6 +10,7 @@ of a small model's process is set by imports and loading, the same for every var
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import subprocess
@@ -31,8 +32,11 @@ from segquant_core.api import (
     resident_bytes,
     save,
 )
+from segquant_core.bench.peers import Peer, mark_against_peers
+from segquant_core.bench.peers.denoiser import build_peer_denoiser, install_peer
 from segquant_core.bench.timing import alternate
-from segquant_core.calibrate.capture import denoiser_of
+from segquant_core.calibrate.capture import capture_calibration, denoiser_of
+from segquant_core.eval.metrics import mean_finite, psnr
 
 
 def _module_bytes(m: torch.nn.Module) -> int:
@@ -56,6 +60,7 @@ def run_pipeline_bench(
     dtype: torch.dtype = torch.float32,
     compiled: bool = False,
     checkpoints: dict[str, Path] | None = None,
+    peers: list[Peer] | None = None,
 ) -> list[dict[str, object]]:
     """Rows per variant: s/image, s/step, speed-up vs fp, denoiser resident bytes (kernels included), peak
     memory (if measured, in a fresh process per variant that loads the variant's checkpoint as the worker
@@ -66,8 +71,12 @@ def run_pipeline_bench(
     ``torch.compile`` (``<name>+compiled``, its checkpoint loaded into a fresh pipeline as the worker does),
     with ``compile_s`` = its first call minus its median; ``vs_fp_compiled`` compares it with compiled ``fp``.
     ``checkpoints``: variants with a checkpoint already built (e.g. a shipped model's ``variants/``) load it as
-    the worker does instead of being calibrated here: what is timed is then exactly what is served."""
+    the worker does instead of being calibrated here: what is timed is then exactly what is served.
+    ``peers``: each peer builds its int8 form of the fp32 denoiser, calibrated on the calls our variants
+    calibrate on, and runs inside the same pipeline (:mod:`segquant_core.bench.peers.denoiser`); its row has
+    ``build_s`` and no memory figure. Every row has ``psnr_vs_fp_db``: its images against ``fp``'s."""
     names = ["fp", *[v for v in variants if v != "fp"]]
+    calib_steps_per_prompt = min(calib_steps_per_prompt, steps)  # a short bench run records every step
     pipes: dict[str, Any] = {}
     workdir = Path(tempfile.mkdtemp(prefix="segquant-bench-"))
     for name in names:
@@ -102,6 +111,21 @@ def run_pipeline_bench(
             if progress:
                 progress(f"compiling {name}")
             pipes[f"{name}+compiled"] = _compiled_pipeline(load_pipeline, artifacts.get(name), device, dtype)
+    build_s: dict[str, float] = {}
+    if peers:
+        calls = _recorded_calls(load_pipeline(), calibration_prompts, steps, calib_steps_per_prompt, guidance_scale)
+        for peer in peers:
+            if progress:
+                progress(f"building peer {peer.name} ({len(calls) // batch} calibration calls of batch {batch})")
+            pipe = load_pipeline()
+            if hasattr(pipe, "set_progress_bar_config"):
+                pipe.set_progress_bar_config(disable=True)
+            start = time.perf_counter()
+            built, constants = build_peer_denoiser(peer, copy.deepcopy(denoiser_of(pipe)), calls, batch)
+            build_s[peer.label] = time.perf_counter() - start
+            pipe = pipe.to(dtype)
+            install_peer(denoiser_of(pipe), built, constants)
+            pipes[peer.label] = pipe
 
     def make(pipe: Any) -> Callable[[], object]:
         def call() -> object:
@@ -118,12 +142,12 @@ def run_pipeline_bench(
 
     if progress:
         progress("timing")
+    images: dict[str, Any] = {}
     with torch.no_grad():
-        for name, pipe in pipes.items():
-            if name.endswith("+compiled"):  # the first call compiles: timed apart from the warm-up
-                start = time.perf_counter()
-                make(pipe)()
-                first_call[name] = time.perf_counter() - start
+        for name, pipe in pipes.items():  # first calls: compilation timed apart, images kept for the error
+            start = time.perf_counter()
+            images[name] = make(pipe)().images
+            first_call[name] = time.perf_counter() - start
         timings = alternate(
             {n: make(p) for n, p in pipes.items()}, rounds=rounds, warmup=1, max_seconds=1200, device=device
         )
@@ -138,20 +162,47 @@ def run_pipeline_bench(
             "s_per_image": round(t.median_s / batch, 4),
             "s_per_step": round(t.median_s / steps, 4),
             "vs_fp": round(fp / t.median_s, 3),
-            "denoiser_bytes": resident_bytes(denoiser_of(pipes[name])),
+            "psnr_vs_fp_db": round(mean_finite([psnr(a, b) for a, b in zip(images["fp"], images[name])]), 2),
             "rounds": len(t.samples),
-            "precision": str(dtype).removeprefix("torch."),
-            "checkpoint": _origin(name.removesuffix("+compiled"), checkpoints or {}),
         }
-        if fp_compiled is not None and name.endswith("+compiled"):
+        peer = name in build_s
+        if peer:
+            row.update(precision="int8 + the peer's float", checkpoint="peer build", build_s=round(build_s[name], 1))
+        else:
+            row.update(
+                denoiser_bytes=resident_bytes(denoiser_of(pipes[name])),
+                precision=str(dtype).removeprefix("torch."),
+                checkpoint=_origin(name.removesuffix("+compiled"), checkpoints or {}),
+            )
+        if fp_compiled is not None and (name.endswith("+compiled") or peer):
             row["vs_fp_compiled"] = round(fp_compiled / t.median_s, 3)
+        if name.endswith("+compiled"):
             row["compile_s"] = round(first_call[name] - t.median_s, 1)
-        if memory_cmd is not None and not name.endswith("+compiled"):
+        if memory_cmd is not None and not name.endswith("+compiled") and not peer:
             row["peak_memory_bytes"] = measure_peak_memory(
                 memory_cmd, artifacts.get(name), prompt, batch, steps, guidance_scale, device
             )
         rows.append(row)
+    if peers:
+        mark_against_peers(rows, peers, "batch", name_key="variant", time_key="s_per_image")
     return rows
+
+
+def _recorded_calls(
+    pipe: Any, prompts: list[str], steps: int, steps_per_prompt: int, guidance_scale: float
+) -> list[dict[str, Any]]:
+    """The denoiser calls our variants calibrate on (same prompts, steps and seed), for the peers."""
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    recorded = capture_calibration(
+        pipe,
+        prompts,
+        num_inference_steps=steps,
+        steps_per_prompt=steps_per_prompt,
+        guidance_scale=guidance_scale,
+        progress=False,
+    )
+    return recorded.calls
 
 
 def _origin(variant: str, checkpoints: dict[str, Path]) -> str:

@@ -30,16 +30,24 @@ def resolve_peers(names: Iterable[str]) -> list[Peer]:
     return [PEERS[name]() for name in names]
 
 
-def mark_against_peers(rows: list[dict[str, Any]], peers: list[Peer], case_key: str) -> None:
+def mark_against_peers(
+    rows: list[dict[str, Any]],
+    peers: list[Peer],
+    case_key: str,
+    *,
+    name_key: str = "candidate",
+    time_key: str = "median_ms",
+) -> None:
     """Per row: ``vs_<peer>`` (peer time / row time: > 1 means the row is faster) for each peer of the same
-    case, and ``faster_than_peers`` (faster than every peer of that case)."""
-    medians = {(r[case_key], r["candidate"]): r["median_ms"] for r in rows}
+    case, and ``faster_than_peers`` (faster than every peer of that case). ``name_key`` / ``time_key``: the
+    columns holding a row's name and its time (``variant`` / ``s_per_image`` in the pipeline bench)."""
+    medians = {(r[case_key], r[name_key]): r[time_key] for r in rows}
     for row in rows:
         ratios = {}
         for peer in peers:
             t = medians.get((row[case_key], peer.label))
             if t is not None:
-                ratios[f"vs_{peer.name}"] = round(t / row["median_ms"], 3)
+                ratios[f"vs_{peer.name}"] = round(t / row[time_key], 3)
         row.update(ratios)
-        if row["candidate"] not in {p.label for p in peers} and ratios:
+        if row[name_key] not in {p.label for p in peers} and ratios:
             row["faster_than_peers"] = all(v > 1.0 for v in ratios.values())

@@ -26,9 +26,11 @@ class PeerUnavailable(RuntimeError):
 
 @dataclass
 class PeerModel:
-    """A module built by a peer: ``call()`` runs it on the prepared example inputs."""
+    """A module built by a peer: ``call()`` runs it on the prepared example inputs, ``run(inputs)`` on new
+    keyword inputs of the example's shapes (what a pipeline's denoising loop needs)."""
 
     call: Callable[[], tuple[torch.Tensor, ...]]  # outputs in the module's order, as torch tensors
+    run: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
     int8_linears: int  # linears the peer's compiled form runs in int8 (read from the artefact, not assumed)
     linears: int  # linears in the float module: the scope the peer was asked to quantize
 

@@ -9,6 +9,7 @@ in this process with as many threads as torch.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -42,7 +43,11 @@ class OpenVinoInt8(Peer):
         nncf.set_log_level(logging.ERROR)
         with torch.no_grad():
             model = ov.convert_model(module.eval(), example_input=example)
-        names = [i.get_any_name() for i in model.inputs]
+        names = [n for n in inspect.signature(module.forward).parameters if n in example]
+        if len(names) != len(model.inputs):
+            raise RuntimeError(f"OpenVINO made {len(model.inputs)} inputs of {len(names)} tensors ({', '.join(names)})")
+        for port, name in zip(model.inputs, names, strict=True):  # traced through *args, a port may lack its name
+            port.get_tensor().set_names({name})
         dataset = nncf.Dataset([{n: c[n].numpy() for n in names} for c in calibration])
         quantized = nncf.quantize(
             model,
@@ -55,12 +60,25 @@ class OpenVinoInt8(Peer):
         )
         compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
         request = compiled.create_infer_request()
-        inputs = {n: example[n].float().numpy() for n in names}
         outputs = len(compiled.outputs)
 
-        def call() -> tuple[torch.Tensor, ...]:
-            request.infer(inputs, share_inputs=True, share_outputs=True)
+        def infer(arrays: dict[str, object]) -> tuple[torch.Tensor, ...]:
+            request.infer(arrays, share_inputs=True, share_outputs=True)
             return tuple(torch.from_numpy(request.get_output_tensor(i).data) for i in range(outputs))
 
+        def as_arrays(values: dict[str, torch.Tensor]) -> dict[str, object]:
+            return {n: (values[n].float() if values[n].is_floating_point() else values[n]).numpy() for n in names}
+
+        inputs = as_arrays(example)  # converted once: the timing loop measures OpenVINO, not the conversion
+
+        def call() -> tuple[torch.Tensor, ...]:
+            return infer(inputs)
+
         call()
-        return PeerModel(call, _int8_fully_connected(compiled), count_linears(module))
+        # run() copies its outputs: with shared outputs, the next inference would overwrite what it returned
+        return PeerModel(
+            call,
+            lambda values: tuple(t.clone() for t in infer(as_arrays(values))),
+            _int8_fully_connected(compiled),
+            count_linears(module),
+        )

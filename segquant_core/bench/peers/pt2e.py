@@ -63,15 +63,24 @@ class Pt2eInt8(Peer):
         _drop_dtype_asserts(converted)
         int8 = _int8_linears(converted)
         compiled = torch.compile(converted)
-        inputs = {k: v.to(torch.bfloat16) for k, v in example.items()}
 
-        def call() -> tuple[torch.Tensor, ...]:
+        def run(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return as_tuple(compiled(**inputs))
+
+        inputs = _in_bf16(example)
+
+        def call() -> tuple[torch.Tensor, ...]:
+            return run(inputs)
 
         # compile now, not inside the timing loop; freezing (weights as constants, prepacked for oneDNN) is read
         # while compiling, so patching the config for the first call leaves the rest of the process as it was
         with torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Inductor's own tensor-construction warning while it freezes
             call()
-        return PeerModel(call, int8, count_linears(module))
+        return PeerModel(call, lambda inputs: run(_in_bf16(inputs)), int8, count_linears(module))
+
+
+def _in_bf16(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point inputs in bf16 (integer ones, e.g. token ids, as they are)."""
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
