@@ -34,13 +34,26 @@ def mmdit_config(layers: int = 4, heads: int = 4, head_dim: int = 32) -> dict[st
     )
 
 
+# Input channels a UNet takes beyond the RGB pixels: the pixel's x and y in [-1, 1] (see ``with_coordinates``).
+COORDINATE_CHANNELS = 2
+
+
 def unet_config(
-    channels: tuple[int, ...] = (64, 128), layers_per_block: int = 1, heads: int = 4, groups: int = 32
+    channels: tuple[int, ...] = (64, 128),
+    layers_per_block: int = 1,
+    heads: int = 4,
+    groups: int = 32,
+    coordinates: bool = False,
 ) -> dict[str, Any]:
-    """Small cross-attention UNet (GEGLU feed-forward is the diffusers default for its transformer blocks)."""
+    """Small cross-attention UNet (GEGLU feed-forward is the diffusers default for its transformer blocks).
+
+    ``coordinates``: two more input channels carry each pixel's position. Convolutions and attention without
+    positional embeddings cannot tell the top left from the bottom right (the shipped 2-level UNet placed
+    shapes at chance; docs/results/unet/position_probe.py). Extra input channels are how stock inpainting
+    UNets take their conditioning too, so the class and every layer SegQuant quantizes stay as they were."""
     return dict(
         sample_size=32,
-        in_channels=3,
+        in_channels=3 + (COORDINATE_CHANNELS if coordinates else 0),
         out_channels=3,
         block_out_channels=channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -55,6 +68,7 @@ def unet_config(
 PRESETS: dict[str, dict[str, Any]] = {
     "mmdit": mmdit_config(4, 4, 40),
     "unet": unet_config(),
+    "unet-coords": unet_config(coordinates=True),
     "flux": flux_config(2, 2, 4, 40),
     "mmdit-tiny": mmdit_config(2, 2, 32),
     "unet-tiny": unet_config(channels=(16, 32), layers_per_block=1, heads=2, groups=8),
@@ -92,4 +106,17 @@ def predict_velocity(
     timestep = t * 1000.0
     if isinstance(model, SD3Transformer2DModel):
         return model(hidden_states=x, encoder_hidden_states=states, pooled_projections=pooled, timestep=timestep).sample
+    extra = int(model.config.in_channels) - x.shape[1]
+    if extra == COORDINATE_CHANNELS:
+        x = with_coordinates(x)
+    elif extra:
+        raise ValueError(f"the UNet takes {model.config.in_channels} input channels; got {x.shape[1]} pixel channels")
     return model(x, timestep, encoder_hidden_states=states).sample
+
+
+def with_coordinates(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, C, H, W] with two channels appended: each pixel's column and row, from -1 to 1."""
+    b, _, h, w = x.shape
+    rows = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+    cols = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
+    return torch.cat([x, cols, rows], dim=1)

@@ -51,8 +51,8 @@ class ShapesPipelineBase(DiffusionPipeline):
 
     @property
     def pixel_channels(self) -> int:
-        """Channels of the images (and noise) the loop works on."""
-        return int(self.denoiser.config.in_channels)
+        """Channels of the images (and noise) the loop works on (a UNet may take more: coordinate channels)."""
+        return int(self.denoiser.config.out_channels)
 
     # Defaults the `segquant` CLI and the service look for (quantize / eval / bench on this model).
     def default_eval_prompts(self, n: int = 32) -> list[str]:

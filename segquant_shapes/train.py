@@ -120,12 +120,30 @@ def init_from_pipeline(path: Path, kind: str, model: torch.nn.Module, ema: torch
     weights = sub / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"--init-from: no {weights.relative_to(path)} under {path}")
-    state = load_file(str(weights))
+    state = _widen_inputs(load_file(str(weights)), model)
     model.load_state_dict(state)
     ema.load_state_dict(state)
     facts_path = path / "training.json"
     facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
     return int(facts.get("step", 0)), float(facts.get("train_seconds", 0.0))
+
+
+def _widen_inputs(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights that take more input channels in ``model`` than in ``state`` (a UNet given coordinate channels)
+    get zero filters for the new channels: the widened model starts out computing exactly what the old one did."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        target = own.get(name)
+        if target is None or target.shape == tensor.shape:
+            continue
+        if tensor.dim() < 2 or target.shape[0] != tensor.shape[0] or target.shape[2:] != tensor.shape[2:]:
+            raise ValueError(f"--init-from: {name} is {tuple(tensor.shape)}, the model wants {tuple(target.shape)}")
+        if target.shape[1] < tensor.shape[1]:
+            raise ValueError(f"--init-from: {name} has more input channels than the model ({tensor.shape[1]})")
+        wide = torch.zeros_like(target)
+        wide[:, : tensor.shape[1]] = tensor
+        state[name] = wide
+    return state
 
 
 def _text_table(bank: CaptionBank, run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,33 @@ def test_init_from_an_exported_pipeline_continues_its_weights_and_step(tmp_path:
         init_from_pipeline(tmp_path / "pipe", "unet", *_setup("unet")[:2])
 
 
+def test_a_unet_given_coordinate_channels_starts_from_the_old_weights_computing_the_same(tmp_path: Path) -> None:
+    from segquant_shapes.models import predict_velocity, unet_config
+    from segquant_shapes.pipelines import make_pipeline
+    from segquant_shapes.train import init_from_pipeline
+
+    tiny = {"channels": (16, 32), "layers_per_block": 1, "heads": 2, "groups": 8}
+    torch.manual_seed(0)
+    old = build_denoiser("unet", unet_config(**tiny)).eval()
+    make_pipeline(old).save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    wide, wide_ema = (build_denoiser("unet", unet_config(**tiny, coordinates=True)).eval() for _ in range(2))
+    init_from_pipeline(tmp_path / "pipe", "unet", wide, wide_ema)
+    assert wide.conv_in.weight.shape[1] == 5 and not wide.conv_in.weight[:, 3:].any()  # new filters start at zero
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    states, pooled = encode_prompts(["a red circle in the center on a blue background"] * 2)
+    with torch.no_grad():
+        assert torch.equal(predict_velocity(old, x, t, states, pooled), predict_velocity(wide, x, t, states, pooled))
+        wide.conv_in.weight[:, 3:] = 1.0  # now the coordinates reach the output, and differ between pixels
+        moved = predict_velocity(wide, x, t, states, pooled) - predict_velocity(old, x, t, states, pooled)
+    assert moved.abs().amax() > 0 and not torch.allclose(moved[..., 0, 0], moved[..., -1, -1])
+    pipe = make_pipeline(wide)  # the loop works on RGB; the UNet gets the coordinates on top
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    narrow = {**unet_config(**tiny), "in_channels": 2}
+    with pytest.raises(ValueError, match="input channels"):  # a checkpoint wider than the model is refused
+        init_from_pipeline(tmp_path / "pipe", "unet", *(build_denoiser("unet", narrow) for _ in range(2)))
+
+
 def test_cli_rejects_a_missing_init_from_dir_with_one_line(tmp_path: Path, capsys) -> None:
     from segquant_shapes.train import main
 
