@@ -18,12 +18,17 @@ step bench-layer-peers segquant bench layer --model targets --peers pt2e,openvin
 # 2. the SD3.5-medium block, eager and compiled, with both peers, in one alternation
 step bench-block-quiet segquant bench block --recipes w8a8,w8a8-segquant,w4a8-segquant --peers pt2e,openvino \
   --compile --rounds 5 --json "$OUT/bench-block-quiet.json"
-# 3. the shipped MMDiT pipeline at batch 4 and 1, eager and compiled, fp in bf16 (this CPU's fp precision)
+# 3. the shipped MMDiT pipeline at batch 4 and 1, eager and compiled, fp in bf16 (this CPU's fp precision), with both
+#    peers' int8 denoisers inside the same pipeline and alternation
 for b in 4 1; do
   step "bench-pipeline-b$b" segquant bench pipeline --model shipped:mmdit --variants w8a8,w8a8-segquant,w4a8-segquant \
-    --batch "$b" --compile --precision bfloat16 --rounds 5 --json "$OUT/bench-pipeline-b$b.json"
+    --batch "$b" --compile --precision bfloat16 --peers pt2e,openvino --rounds 5 --json "$OUT/bench-pipeline-b$b.json"
 done
-# 4. our native path against ONNX Runtime on our own QDQ export of the shipped w8a8-segquant denoiser
+# 4. our native path, eager and compiled, against ONNX Runtime on our own QDQ export of the shipped w8a8-segquant
+#    denoiser
 step export-onnx-check segquant export-onnx segquant_shapes/weights/mmdit/variants/w8a8-segquant \
   --model shipped:mmdit --out "$OUT/mmdit-w8a8-segquant.onnx" --check --json "$OUT/export-onnx-check.json"
+step export-onnx-check-compiled segquant export-onnx segquant_shapes/weights/mmdit/variants/w8a8-segquant \
+  --model shipped:mmdit --out "$OUT/mmdit-w8a8-segquant.onnx" --check --compile \
+  --json "$OUT/export-onnx-check-compiled.json"
 rm -f "$OUT/mmdit-w8a8-segquant.onnx"
