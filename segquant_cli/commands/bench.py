@@ -321,20 +321,30 @@ def run(args: argparse.Namespace) -> int:
         columns += [f"vs_{p.name}" for p in peers] + ["faster_than_peers"]
         columns += ["int8_linears"] if args.level == "block" else []
     print_table(title, rows, columns)
-    path = write_json(Path(args.json), args.level, env, rows, command)
+    targets = _issue15_targets(args.level, rows, peers)
+    path = write_json(Path(args.json), args.level, env, rows, command, targets)
     md = write_markdown(Path(args.json).with_suffix(".md"), title, rows, columns, command)
-    if args.level in ("block", "pipeline"):  # issue 15's speed targets, met / not met
-        from segquant_core.bench.block import block_targets
-        from segquant_core.bench.pipeline import pipeline_targets
+    if targets:
         from segquant_core.bench.report import markdown_table
 
-        targets = block_targets(rows) if args.level == "block" else pipeline_targets(rows)
-        if targets:
-            print_table("targets (issue 15)", targets, ["target", "measured", "limit", "met"])
-            with md.open("a") as f:
-                f.write("\n" + markdown_table(targets, ["target", "measured", "limit", "met"]))
+        print_table("targets (issue 15)", targets, ["target", "measured", "limit", "met"])
+        with md.open("a") as f:
+            f.write("\n" + markdown_table(targets, ["target", "measured", "limit", "met"]))
     print(f"wrote {path} and {md}")
     return 0
+
+
+def _issue15_targets(level: str, rows: list[dict], peers: list) -> list[dict]:
+    """Issue 15's speed targets for this level's rows, met / not met (none for the other levels)."""
+    from segquant_core.bench.block import block_targets
+    from segquant_core.bench.layer import layer_targets
+    from segquant_core.bench.pipeline import pipeline_targets
+
+    if level == "layer":
+        return layer_targets(rows, peers)
+    if level == "block":
+        return block_targets(rows)
+    return pipeline_targets(rows) if level == "pipeline" else []
 
 
 def _quantize_rows(args: argparse.Namespace, env: dict, say) -> tuple[list[dict], str, list[str]]:

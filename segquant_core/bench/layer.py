@@ -258,6 +258,43 @@ def run_layer_bench(
     return rows
 
 
+# Issue 15's layer targets: plain W8A8 at least this much faster than bf16 at every shape, and per-head
+# in-segments at least this fraction of a plain W8A8 layer's speed at the same shape.
+LAYER_SPEEDUP_TARGET = 1.9
+IN_SEGMENTS_TARGET = 0.8
+
+
+def layer_targets(rows: list[dict[str, object]], peers: list[Peer] | None = None) -> list[dict[str, object]]:
+    """Met / not met per shape: ``segquant w8a8`` ≥ 1.9× bf16; with peers, faster than each peer and at equal
+    or lower error; per-head in-segments (the exact default path) ≥ 0.8× plain ``segquant w8a8``."""
+    items: list[dict[str, object]] = []
+
+    def add(target: str, measured: float, limit: str, met: bool) -> None:
+        items.append({"target": target, "measured": round(measured, 4), "limit": limit, "met": met})
+
+    for shape in dict.fromkeys(str(r["shape"]) for r in rows):
+        by = {str(r["candidate"]): r for r in rows if r["shape"] == shape}
+        plain = by.get("segquant w8a8")
+        if plain is None:
+            continue
+        speedup = float(plain["vs_bf16"])  # type: ignore[arg-type]
+        add(f"{shape}: w8a8 vs bf16", speedup, f">= {LAYER_SPEEDUP_TARGET}", speedup >= LAYER_SPEEDUP_TARGET)
+        for peer in peers or []:
+            other = by.get(peer.label)
+            if other is None:
+                continue
+            ratio = float(other["median_ms"]) / float(plain["median_ms"])  # type: ignore[arg-type]
+            add(f"{shape}: w8a8 vs {peer.name} (speed)", ratio, "> 1.0", ratio > 1.0)
+            err, peer_err = float(plain["rel_err"]), float(other["rel_err"])  # type: ignore[arg-type]
+            add(f"{shape}: w8a8 rel_err vs {peer.name}'s", err, f"<= {peer_err:.4g}", err <= peer_err)
+        exact = next((r for n, r in by.items() if n.startswith("segquant w8a8 seg(in×") and "folded" not in n), None)
+        if exact is not None:
+            ratio = float(plain["median_ms"]) / float(exact["median_ms"])  # type: ignore[arg-type]
+            met = ratio >= IN_SEGMENTS_TARGET
+            add(f"{shape}: per-head in-segments vs plain w8a8", ratio, f">= {IN_SEGMENTS_TARGET}", met)
+    return items
+
+
 def cuda_peaks(fns: dict[str, Callable[[], object]]) -> dict[str, int]:
     """``torch.cuda.max_memory_allocated`` over one call of each candidate (reset before each)."""
     peaks = {}

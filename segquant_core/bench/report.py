@@ -29,10 +29,21 @@ def _cell(v: Any) -> str:
     return str(v)
 
 
-def write_json(path: str | Path, level: str, env: dict[str, Any], rows: list[dict[str, Any]], command: str) -> Path:
+def write_json(
+    path: str | Path,
+    level: str,
+    env: dict[str, Any],
+    rows: list[dict[str, Any]],
+    command: str,
+    targets: list[dict[str, Any]] | None = None,
+) -> Path:
+    """The rows with what produced them; ``targets`` (met / not met items) when the level has any."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"level": level, "command": command, "environment": env, "rows": rows}, indent=2) + "\n")
+    data = {"level": level, "command": command, "environment": env, "rows": rows}
+    if targets:
+        data["targets"] = targets
+    p.write_text(json.dumps(data, indent=2) + "\n")
     return p
 
 

@@ -89,3 +89,31 @@ def test_peak_rss_can_be_reset_to_measure_one_phase():
     high = current_peak_rss_bytes()
     assert reset_peak_rss()
     assert current_peak_rss_bytes() < high - 200e6  # the 320 MB spike is no longer in the mark
+
+
+def test_layer_targets_say_met_or_not_per_shape_peer_and_segment_form():
+    from segquant_core.bench.layer import layer_targets
+    from segquant_core.bench.peers import PEERS
+
+    pt2e = PEERS["pt2e"]()
+
+    def row(shape: str, candidate: str, ms: float, err: float = 0.01) -> dict:
+        return {"shape": shape, "candidate": candidate, "median_ms": ms, "vs_bf16": round(20.0 / ms, 3), "rel_err": err}
+
+    rows = [
+        row("a", "bf16", 20.0),
+        row("a", "segquant w8a8", 10.0, 0.013),  # 2.0× bf16, faster than the peer, but a larger error
+        row("a", "segquant w8a8 seg(in×24)", 16.0),  # exact per-head: 0.625× plain
+        row("a", "segquant w8a8 seg(in×24) folded (opt-in)", 9.0),  # not the exact path: not what is checked
+        row("a", pt2e.label, 11.0, 0.011),
+        row("b", "bf16", 20.0),
+        row("b", "segquant w8a8", 12.0),  # 1.67× bf16
+    ]
+    got = {t["target"]: (t["measured"], t["met"]) for t in layer_targets(rows, [pt2e])}
+    assert got == {
+        "a: w8a8 vs bf16": (2.0, True),
+        "a: w8a8 vs pt2e (speed)": (1.1, True),
+        "a: w8a8 rel_err vs pt2e's": (0.013, False),
+        "a: per-head in-segments vs plain w8a8": (0.625, False),
+        "b: w8a8 vs bf16": (1.667, False),
+    }

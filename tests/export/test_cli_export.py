@@ -67,6 +67,7 @@ def test_export_onnx_check_reports_error_and_latencies(
     check = data["check"]
     assert check["passed"] and check["rel_error"] < 1e-2
     assert check["ort_ms"] > 0 and check["backend_ms"] > 0 and check["rounds"] == 3
+    assert check["target_native_as_fast_as_ort"] is (check["backend_ms"] <= check["ort_ms"])
 
 
 def test_unexpressible_artifact_fails_with_the_layer_name(
