@@ -1,10 +1,9 @@
 """Print docs/results.md's tables from the ladders' report.json files: the summary (architecture × rung), or
 with ``--ladder NAME`` one model's ladder table (rung, PSNR, SSIM, latent MSE, weight bytes).
 
-The rung names follow the MMDiT ladder's variant list; the UNet ladder ran before the ``smooth_scope``
-default changed, so its layer-scope and segment-scope W8A8 rows are looked up by their old names (see the
-UNet section of docs/results.md). Adherence is the mean of background, colour, position and shape.
-Usage: ``python docs/results/flux/summary_table.py [--ladder flux]``.
+The rung names follow the variant list every ladder runs (``docs/results/run_ladder.sh``). Adherence is the
+mean of background, colour, position and shape.
+Usage: ``python docs/results/summary_table.py [--ladder flux]``.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent
 TARGET_ATTRIBUTES = ("background", "color", "position", "shape")
 
 # (rung label, variant name in today's meaning); None = a gap in that ladder.
@@ -34,12 +33,7 @@ RUNGS: list[tuple[str, str]] = [
     ("FP8 per-tensor", "fp8-segquant:seg=off+dual=off"),
     ("FP8 segquant", "fp8-segquant"),
 ]
-# The UNet report predates smooth_scope=layer as the default: its names in today's meaning.
-UNET_RENAMES = {
-    "w8a8-segquant": "w8a8-segquant:smooth_scope=layer",
-    "w8a8-segquant:smooth_scope=segment": "w8a8-segquant",
-}
-LADDERS = (("MMDiT", "mmdit", {}), ("UNet", "unet", UNET_RENAMES), ("Flux", "flux", {}))
+LADDERS = (("MMDiT", "mmdit"), ("UNet", "unet"), ("Flux", "flux"))
 
 
 def _rows(folder: str) -> dict[str, dict[str, Any]]:
@@ -56,17 +50,17 @@ def _cells(row: dict[str, Any] | None) -> list[str]:
 
 
 def table() -> str:
-    ladders = [(name, _rows(folder), renames) for name, folder, renames in LADDERS]
-    head = ["rung"] + [f"{name} {m}" for name, _, _ in ladders for m in ("PSNR", "SSIM", "MSE", "adh.")]
+    ladders = [(name, _rows(folder)) for name, folder in LADDERS]
+    head = ["rung"] + [f"{name} {m}" for name, _ in ladders for m in ("PSNR", "SSIM", "MSE", "adh.")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     fp = ["fp (adherence of the float model)"]
-    for _, rows, _ in ladders:
+    for _, rows in ladders:
         fp += ["∞", "1", "0", _cells(rows["fp"])[3]]
     lines.append("| " + " | ".join(fp) + " |")
     for label, variant in RUNGS:
         cells = [label]
-        for _, rows, renames in ladders:
-            cells += _cells(rows.get(renames.get(variant, variant)))
+        for _, rows in ladders:
+            cells += _cells(rows.get(variant))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
