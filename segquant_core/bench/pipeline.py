@@ -33,7 +33,7 @@ from segquant_core.api import (
     save,
 )
 from segquant_core.bench.peers import Peer, mark_against_peers
-from segquant_core.bench.peers.denoiser import build_peer_denoiser, install_peer
+from segquant_core.bench.peers.denoiser import build_peer_denoiser, install_peer, uninstall_peer
 from segquant_core.bench.timing import alternate
 from segquant_core.calibrate.capture import capture_calibration, denoiser_of
 from segquant_core.eval.metrics import mean_finite, psnr
@@ -183,6 +183,8 @@ def run_pipeline_bench(
                 memory_cmd, artifacts.get(name), prompt, batch, steps, guidance_scale, device
             )
         rows.append(row)
+    for name in build_s:
+        uninstall_peer(denoiser_of(pipes[name]))
     if peers:
         mark_against_peers(rows, peers, "batch", name_key="variant", time_key="s_per_image")
     return rows

@@ -3,10 +3,12 @@ non-tensor arguments fixed, the pipeline's own loop unchanged."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,13 @@ import torch
 
 from segquant_cli.models import load_pipeline
 from segquant_core.bench.peers import resolve_peers
-from segquant_core.bench.peers.denoiser import build_peer_denoiser, install_peer, split_call, stack_calls
+from segquant_core.bench.peers.denoiser import (
+    build_peer_denoiser,
+    install_peer,
+    split_call,
+    stack_calls,
+    uninstall_peer,
+)
 from segquant_core.calibrate.capture import capture_calibration, denoiser_of
 from segquant_core.eval.metrics import psnr
 
@@ -78,6 +86,17 @@ def test_an_openvino_denoiser_serves_the_pipeline_close_to_float(model):
     extra = {"unet": "cross_attention_kwargs", "flux": "joint_attention_kwargs"}[model]
     with pytest.raises(ValueError, match="built for arguments"):  # a call the peer was not built for
         denoiser_of(served)(**recorded.calls[0], **{extra: {"scale": 1.0}})
+    # Uninstalling drops the peer's runtime now, on this thread: left to the cyclic collector (pipelines sit in
+    # reference cycles), OpenVINO's native objects would be freed at a random later point, on any thread.
+    alive = weakref.ref(built)
+    gc.disable()
+    try:
+        uninstall_peer(denoiser_of(served))
+        del built
+        assert alive() is None
+        assert "forward" not in vars(denoiser_of(served))  # the class's own forward again
+    finally:
+        gc.enable()
 
 
 @needs_openvino

@@ -27,27 +27,33 @@ from segquant_core.bench.peers.base import Peer, PeerModel
 
 class KeywordTensors(nn.Module):
     """``denoiser(**tensors, **constants, return_dict=False)[0]``: a forward of the named tensors only, the form
-    both peers export and convert. Its signature names them (OpenVINO orders dict inputs by the signature)."""
+    both peers export and convert. Build it with :func:`keyword_tensors`, which gives ``forward`` a signature
+    naming the tensors (OpenVINO orders dict inputs by the signature)."""
 
     def __init__(self, denoiser: nn.Module, names: Sequence[str], constants: dict[str, Any]) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.names = list(names)
         self.constants = constants
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        self.forward = _named(self, [inspect.Parameter(n, kind) for n in self.names])
 
-    def call(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         tensors = dict(zip(self.names, args, strict=False)) | kwargs
         return self.denoiser(**tensors, **self.constants, return_dict=False)[0]
 
 
-def _named(module: KeywordTensors, params: list[inspect.Parameter]) -> Any:
-    def forward(*args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        return module.call(*args, **kwargs)
+def keyword_tensors(denoiser: nn.Module, names: Sequence[str], constants: dict[str, Any]) -> KeywordTensors:
+    """A :class:`KeywordTensors` whose class's ``forward`` signature lists ``names``: a subclass made for the call,
+    so the module holds no reference to itself (a cycle would leave the peer's runtime objects to the cyclic
+    garbage collector, which may free them at any later time, on any thread)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("self", kind), *(inspect.Parameter(n, kind) for n in names)]
+
+    def forward(self: KeywordTensors, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return KeywordTensors.forward(self, *args, **kwargs)
 
     forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return forward
+    named = type("KeywordTensors", (KeywordTensors,), {"forward": forward})
+    return named(denoiser, names, constants)
 
 
 def split_call(call: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -110,7 +116,7 @@ def build_peer_denoiser(
     stacked = stack_calls([t for t, _ in split], batch)
     if not stacked:
         raise ValueError(f"{len(calls)} recorded calls are fewer than one batch of {batch}")
-    module = KeywordTensors(denoiser.float().eval(), list(stacked[0]), constants).eval()
+    module = keyword_tensors(denoiser.float().eval(), list(stacked[0]), constants).eval()
     return peer.build(module, stacked[0], stacked), constants
 
 
@@ -120,8 +126,8 @@ def install_peer(denoiser: nn.Module, built: PeerModel, constants: dict[str, Any
     signature = inspect.signature(type(denoiser).forward)
     dtype = next(denoiser.parameters()).dtype
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(denoiser, *args, **kwargs).arguments
+    def forward(*args: Any, **kwargs: Any) -> Any:  # holds no reference to ``denoiser``: no cycle through it
+        bound = signature.bind(None, *args, **kwargs).arguments
         bound.pop("self", None)
         return_dict = bound.pop("return_dict", True)
         tensors, others = split_call(bound)
@@ -132,3 +138,9 @@ def install_peer(denoiser: nn.Module, built: PeerModel, constants: dict[str, Any
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     denoiser.forward = forward  # type: ignore[method-assign]
+
+
+def uninstall_peer(denoiser: nn.Module) -> None:
+    """Back to the denoiser's own ``forward``, dropping the peer's runtime now (a pipeline may sit in reference
+    cycles and live until the cyclic collector runs, on whatever thread, holding the peer's native objects)."""
+    denoiser.__dict__.pop("forward", None)
