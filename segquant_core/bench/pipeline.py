@@ -85,8 +85,7 @@ def run_pipeline_bench(
         pipe = load_pipeline()
         if device != "cpu":
             pipe = pipe.to(device)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
+        _quiet(pipe)
         prebuilt = (checkpoints or {}).get(name)
         if prebuilt is not None:
             replace_denoiser(pipe, load_denoiser(prebuilt, device=torch.device(device)))
@@ -113,13 +112,19 @@ def run_pipeline_bench(
             pipes[f"{name}+compiled"] = _compiled_pipeline(load_pipeline, artifacts.get(name), device, dtype)
     build_s: dict[str, float] = {}
     if peers:
-        calls = _recorded_calls(load_pipeline(), calibration_prompts, steps, calib_steps_per_prompt, guidance_scale)
+        calls = capture_calibration(  # the calls our variants calibrate on: same prompts, steps and seed
+            load_pipeline(),
+            calibration_prompts,
+            num_inference_steps=steps,
+            steps_per_prompt=calib_steps_per_prompt,
+            guidance_scale=guidance_scale,
+            progress=False,
+        ).calls
         for peer in peers:
             if progress:
                 progress(f"building peer {peer.name} ({len(calls) // batch} calibration calls of batch {batch})")
             pipe = load_pipeline()
-            if hasattr(pipe, "set_progress_bar_config"):
-                pipe.set_progress_bar_config(disable=True)
+            _quiet(pipe)
             start = time.perf_counter()
             built, constants = build_peer_denoiser(peer, copy.deepcopy(denoiser_of(pipe)), calls, batch)
             build_s[peer.label] = time.perf_counter() - start
@@ -190,21 +195,10 @@ def run_pipeline_bench(
     return rows
 
 
-def _recorded_calls(
-    pipe: Any, prompts: list[str], steps: int, steps_per_prompt: int, guidance_scale: float
-) -> list[dict[str, Any]]:
-    """The denoiser calls our variants calibrate on (same prompts, steps and seed), for the peers."""
+def _quiet(pipe: Any) -> None:
+    """No per-call progress bar (the bench prints its own progress)."""
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
-    recorded = capture_calibration(
-        pipe,
-        prompts,
-        num_inference_steps=steps,
-        steps_per_prompt=steps_per_prompt,
-        guidance_scale=guidance_scale,
-        progress=False,
-    )
-    return recorded.calls
 
 
 def _origin(variant: str, checkpoints: dict[str, Path]) -> str:
@@ -247,8 +241,7 @@ def _compiled_pipeline(load_pipeline: Callable[[], Any], artifact: Path | None, 
     from segquant_core.compile import compile_denoiser
 
     pipe = load_pipeline()
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
+    _quiet(pipe)
     pipe = pipe.to(device=device, dtype=dtype)
     if artifact is not None:
         replace_denoiser(pipe, load_denoiser(artifact, device=torch.device(device), dtype=dtype))
@@ -291,8 +284,7 @@ def memory_probe(load_pipeline: Callable[[], Any], spec_json: str) -> None:
 
     spec = json.loads(spec_json)
     pipe = load_pipeline()
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
+    _quiet(pipe)
     if spec.get("device", "cpu") != "cpu":
         pipe = pipe.to(spec["device"])
     if spec["artifact"]:

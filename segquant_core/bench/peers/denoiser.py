@@ -133,8 +133,7 @@ def install_peer(denoiser: nn.Module, built: PeerModel, constants: dict[str, Any
         tensors, others = split_call(bound)
         if others != constants:
             raise ValueError(f"the peer was built for arguments {constants}, called with {others}")
-        (out,) = built.run(tensors)[:1]
-        out = out.to(dtype)
+        out = built.run(tensors)[0].to(dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     denoiser.forward = forward  # type: ignore[method-assign]
